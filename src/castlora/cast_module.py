@@ -1,0 +1,119 @@
+"""The runtime CAST wrapper: y = W_T x + s * P_out(B_S A_S P_in(x)) on a target module.
+
+`PortedKernel` holds one frozen source LoRA kernel in its SVD form and the two trainable heads;
+`CastLinear` wraps a target module (like peft's LoRA layer wraps `base_layer`) and adds the
+deltas of every kernel ported onto it — into the role's rows when the module is fused.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .adapters import LoraKernel
+from .families import Site
+from .heads import make_head
+
+
+class PortedKernel(nn.Module):
+    """A source kernel `s * B A` seen through its subspaces, with heads into/out of them.
+
+    A = U S Vh gives the input basis Vh^T (d_in_S x r); B U S = Uk Sk Wk^T gives the output basis
+    Uk (d_out_S x r) and the r x r core Sk Wk^T, so s * B A x = s * Uk core Vh x exactly.
+    The heads replace Vh (P_in: d_in_T -> r) and Uk (P_out: r -> d_out_T).
+    """
+
+    def __init__(self, kernel: LoraKernel, target: Site, head: str = "linear"):
+        super().__init__()
+        A, B = kernel.A.double(), kernel.B.double()
+        U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+        Uk, Sk, Wkh = torch.linalg.svd(B @ (U * S), full_matrices=False)
+        self.register_buffer("in_basis", Vh.t().float().contiguous())  # d_in_S x r
+        self.register_buffer("out_basis", Uk.float().contiguous())  # d_out_S x r
+        self.register_buffer("core", (Sk[:, None] * Wkh).float().contiguous())  # r x r
+        self.scale = float(kernel.scale)
+        self.source_key, self.target_key = kernel.key, target.key
+        self.rank = kernel.rank
+        self.source_rows = kernel.rows
+        self.source_module = kernel.module_path
+        self.p_in = make_head(head, target.d_in, self.rank)
+        self.p_out = make_head(head, self.rank, target.d_out)
+        self.record = False
+        self.last_z: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.p_in(x)
+        if self.record:  # kept for the MSE term, which compares z with in_basis^T x_S
+            self.last_z = z
+        return self.scale * self.p_out(z @ self.core.t().to(z.dtype))
+
+    def source_delta(self, x_s: torch.Tensor) -> torch.Tensor:
+        """What the source LoRA adds at the source site (for tests and CAST-0)."""
+        return self.scale * ((x_s @ self.in_basis) @ self.core.t()) @ self.out_basis.t()
+
+    @torch.no_grad()
+    def set_identity(self) -> None:
+        """Heads that reproduce the source LoRA exactly (source and target share the site's spaces)."""
+        self.p_in.linear_part().copy_(self.in_basis.t())
+        self.p_out.linear_part().copy_(self.out_basis)
+
+
+class CastLinear(nn.Module):
+    """Wraps a target Linear/Conv1D (`base_layer`) and adds the ported deltas."""
+
+    def __init__(self, base_layer: nn.Module, ports: list[PortedKernel], rows: list[torch.Tensor | None]):
+        super().__init__()
+        self.base_layer = base_layer
+        self.ports = nn.ModuleList(ports)
+        self.rows = rows
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        if not self.enabled:
+            return y
+        for port, rows in zip(self.ports, self.rows):
+            d = port(x).to(y.dtype)
+            y = y + d if rows is None else y.index_add(-1, rows.to(y.device), d)
+        return y
+
+
+@contextmanager
+def attached(model: nn.Module, ports: list[tuple[PortedKernel, Site]]) -> Iterator[list[CastLinear]]:
+    """Install CastLinear wrappers for `ports` on `model`; the original modules come back on exit."""
+    by_path: dict[str, list[tuple[PortedKernel, Site]]] = {}
+    for port, site in ports:
+        by_path.setdefault(site.path, []).append((port, site))
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    wrappers = []
+    try:
+        for path, items in by_path.items():
+            parent_path, _, name = path.rpartition(".")
+            parent = model.get_submodule(parent_path)
+            original = getattr(parent, name)
+            dev = next(original.parameters()).device
+            for port, _ in items:
+                port.to(dev)
+            wrapper = CastLinear(original, [p for p, _ in items], [s.rows for _, s in items])
+            setattr(parent, name, wrapper)
+            swapped.append((parent, name, original))
+            wrappers.append(wrapper)
+        yield wrappers
+    finally:
+        for parent, name, original in reversed(swapped):
+            setattr(parent, name, original)
+
+
+@contextmanager
+def deltas_off(wrappers: list[CastLinear]) -> Iterator[None]:
+    """Run the target as its own base model (for the delta teacher and controls)."""
+    for w in wrappers:
+        w.enabled = False
+    try:
+        yield
+    finally:
+        for w in wrappers:
+            w.enabled = True

@@ -1,0 +1,89 @@
+"""Typed configuration: dataclass fields carry their help text; YAML files override defaults and
+command-line flags override YAML. The resolved config is saved beside every output."""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from .errors import CastloraError
+
+
+def opt(default, help: str, choices: tuple | None = None):
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TranslateConfig:
+    source: str = opt("", "source model: local folder or hub id")
+    adapter: str = opt("", "PEFT LoRA folder trained on the source model")
+    target: str = opt("", "target model: local folder or hub id")
+    corpus: list = opt([], "general text: .txt/.txt.gz/.jsonl files or a `datasets` name")
+    out: str = opt("", "output folder (PEFT adapter + heads + castlora.json)")
+    steps: int = opt(300, "head-training steps; 0 = the closed-form transfer alone (CAST-0)")
+    batch_size: int = opt(8, "texts per step")
+    seq_len: int = opt(256, "source tokens per text")
+    lr: float = opt(2e-3, "peak learning rate of the heads (AdamW, warmup then cosine)")
+    alpha: float = opt(1.0, "weight of the KL term")
+    beta: float = opt(0.1, "weight of the relative-MSE term")
+    temperature: float = opt(1.0, "distillation temperature tau")
+    teacher: str = opt("source", "teacher distribution", ("source", "delta", "source_base"))
+    head: str = opt("linear", "head type", ("linear", "mlp"))
+    layer_map: str = opt("proportional", "source->target layer map", ("proportional", "cka"))
+    init: str = opt("closed-form", "head initialisation", ("closed-form", "random"))
+    ridge: float = opt(1e-2, "relative ridge penalty of the closed-form start")
+    calib_batches: int = opt(4, "batches of activations for the closed-form start and the CKA map")
+    generate: int = opt(0, "sample this many texts from source+LoRA and train on them (no task data)")
+    mix: float = opt(1.0, "fraction of generated texts in the training stream when --generate > 0")
+    top_k: int = opt(50, "top-k of the sampling for --generate")
+    device: str = opt("cpu", "torch device")
+    dtype: str = opt("float32", "model dtype (float32 on CPU; bfloat16 on GPU)")
+    seed: int = opt(0, "seed for data order, sampling and random heads")
+    checkpoint_every: int = opt(100, "save a resumable checkpoint every N steps")
+    resume: bool = opt(False, "continue from the last checkpoint of an interrupted run with the same --out")
+    overwrite: bool = opt(False, "replace --out if it exists")
+    allow_drop: bool = opt(False, "drop (and list) adapter sites the target cannot host instead of failing")
+    allow_pickle: bool = opt(False, "allow loading pickle (.bin/.pt) weights; they can execute code")
+    trust_remote_code: bool = opt(False, "allow model code from the model folder/hub")
+    progress: bool = opt(True, "show a progress bar")
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CastloraError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise CastloraError(f"config file {path} must hold a mapping of option: value")
+    return data
+
+
+def build(cls, yaml_values: dict | None = None, overrides: dict | None = None):
+    """Defaults <- YAML <- overrides (None values in overrides mean 'not given')."""
+    known = {f.name for f in fields(cls)}
+    values = {}
+    for src in (yaml_values or {}, {k: v for k, v in (overrides or {}).items() if v is not None}):
+        unknown = set(src) - known
+        if unknown:
+            raise CastloraError(f"unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        values.update(src)
+    cfg = cls(**values)
+    for f in fields(cls):
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            raise CastloraError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                                f"not {getattr(cfg, f.name)!r}")
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return asdict(cfg)
+
+
+def has_default(f) -> bool:
+    return f.default is not MISSING or f.default_factory is not MISSING

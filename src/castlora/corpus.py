@@ -1,0 +1,122 @@
+"""Text in: corpus files (or a `datasets` name) -> documents -> fixed-size text chunks.
+
+Chunks are cut by the *source* tokenizer (seq_len tokens each) and kept as text, because both
+models must read the same characters; each side then tokenizes the chunk itself (tokens.py pairs
+the positions). The chunk order is a pure function of the seed, so a resumed run sees the same
+batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+from .errors import CorpusError
+
+DOC_SEPARATOR = "\n\n\n"  # shared/data convention: documents are separated by two blank lines
+
+
+def _read_text(path: Path) -> str:
+    try:
+        raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as e:
+        raise CorpusError(f"corpus file {path} cannot be read: {e}") from e
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"corpus file {path} is not UTF-8 text (bad byte at offset {e.start}); "
+                          "convert it to UTF-8 first") from e
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """Documents of one .txt / .txt.gz (split on blank-line pairs) or .jsonl (`text` field) file."""
+    path = Path(path)
+    text = _read_text(path)
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
+        docs = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CorpusError(f"{path}:{n} is not a JSON line: {e}") from e
+            if "text" in rec:
+                docs.append(str(rec["text"]))
+            elif "prompt" in rec and "completion" in rec:
+                docs.append(str(rec["prompt"]) + str(rec["completion"]))
+            else:
+                raise CorpusError(f"{path}:{n} has neither a 'text' field nor 'prompt'/'completion'")
+        return [d for d in docs if d.strip()]
+    return [d for d in text.split(DOC_SEPARATOR) if d.strip()]
+
+
+def _load_dataset_docs(name: str, limit: int) -> list[str]:
+    try:
+        import datasets  # optional: only for hub corpora on a machine with a network
+    except ImportError:
+        raise CorpusError(f"corpus {name!r} is not a file, and the `datasets` package is not installed "
+                          "to load it as a dataset name (pip install 'castlora[data]')") from None
+    ds_name, _, config = name.partition(":")
+    ds = datasets.load_dataset(ds_name, config or None, split="train", streaming=True)
+    return [str(row["text"]) for _, row in zip(range(limit), ds) if str(row.get("text", "")).strip()]
+
+
+def read_corpus(paths: list[str] | str, dataset_limit: int = 50_000) -> list[str]:
+    """All documents of the given files (or `datasets` names, as `name` or `name:config`)."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise CorpusError("no corpus given: pass one or more .txt, .txt.gz or .jsonl files")
+    docs: list[str] = []
+    for p in paths:
+        path = Path(p)
+        if path.exists():
+            if path.is_dir():
+                raise CorpusError(f"corpus path {path} is a folder; pass the text files inside it")
+            docs.extend(read_documents(path))
+        elif looks_like_file(str(p)):
+            raise CorpusError(f"corpus file {path} does not exist")
+        else:
+            docs.extend(_load_dataset_docs(str(p), dataset_limit))
+    if not docs:
+        raise CorpusError(f"the corpus {', '.join(map(str, paths))} holds no text (0 non-empty documents)")
+    return docs
+
+
+def looks_like_file(p: str) -> bool:
+    """A name with a file suffix or a path prefix is a file; anything else may be a dataset id."""
+    return p.endswith((".txt", ".gz", ".jsonl", ".json")) or p.startswith((".", "/", "~"))
+
+
+def check_corpus_path(p: str) -> None:
+    """Fail early (before loading models) on a corpus path that looks like a file and is missing."""
+    path = Path(p)
+    if path.is_dir():
+        raise CorpusError(f"corpus path {path} is a folder; pass the text files inside it")
+    if not path.exists() and looks_like_file(p):
+        raise CorpusError(f"corpus file {path} does not exist")
+
+
+def make_chunks(docs: list[str], tokenizer, seq_len: int, n_chunks: int, seed: int = 0,
+                min_tokens: int = 16) -> list[str]:
+    """Up to `n_chunks` text chunks of about `seq_len` source tokens each, documents in a seeded
+    random order (a chunk never spans two documents; short tails are kept if >= min_tokens)."""
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    # Leave room for special tokens the tokenizer adds (BOS) and for re-tokenisation drift.
+    width = max(8, seq_len - 2)
+    chunks: list[str] = []
+    for start in range(0, len(order), 64):
+        batch_docs = [docs[i] for i in order[start:start + 64]]
+        enc = tokenizer(batch_docs, add_special_tokens=False, return_offsets_mapping=True)
+        for doc, offsets in zip(batch_docs, enc["offset_mapping"]):
+            for t0 in range(0, len(offsets), width):
+                window = offsets[t0:t0 + width]
+                if len(window) < min_tokens:
+                    continue
+                chunks.append(doc[window[0][0]:window[-1][1]])
+                if len(chunks) >= n_chunks:
+                    return chunks
+    return chunks

@@ -1,0 +1,127 @@
+"""Scores and retention (CAST.md, "How a transfer is judged").
+
+Text: mean next-token loss over windows of the documents (BOS targets excluded), perplexity =
+exp(loss), likelihood score = exp(-loss). Prompt/completion jsonl: exact match of the greedy
+continuation. Retention: ratio = transfer / retrained; gap recovered =
+(transfer - base) / (retrained - base), computed on losses for likelihood tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .corpus import read_documents
+from .errors import CastloraError
+
+
+def load_examples(path: str | Path) -> list[dict]:
+    path = Path(path)
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            rec = json.loads(line)
+            if "prompt" not in rec or "completion" not in rec:
+                raise CastloraError(f"{path}:{n} needs 'prompt' and 'completion' fields")
+            rows.append(rec)
+    return rows
+
+
+def is_examples_file(path: str | Path) -> bool:
+    p = str(path)
+    if not p.endswith((".jsonl", ".jsonl.gz")):
+        return False
+    first = next((line for line in Path(p).read_text(encoding="utf-8").splitlines() if line.strip()), "{}")
+    return "prompt" in json.loads(first)
+
+
+def text_windows(tokenizer, docs: list[str], seq_len: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Each document tokenized (with BOS if the tokenizer adds one) and cut into seq_len windows."""
+    windows, total = [], 0
+    enc = tokenizer(docs, add_special_tokens=True)["input_ids"]
+    for ids in enc:
+        for i in range(0, len(ids) - 1, seq_len):
+            w = ids[i:i + seq_len + 1]  # one token of overlap: every target is predicted once
+            if len(w) > 1:
+                windows.append(w)
+                total += len(w) - 1
+            if max_tokens and total >= max_tokens:
+                return windows
+    return windows
+
+
+@torch.no_grad()
+def text_loss(model, tokenizer, docs: list[str], seq_len: int = 256, batch_size: int = 8,
+              max_tokens: int | None = None) -> dict:
+    device = next(model.parameters()).device
+    windows = text_windows(tokenizer, docs, seq_len, max_tokens)
+    special = set(tokenizer.all_special_ids) - {tokenizer.eos_token_id}
+    total_loss, total_tok = 0.0, 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for i in range(0, len(windows), batch_size):
+        chunk = windows[i:i + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, w in enumerate(chunk):
+            ids[b, :len(w)] = torch.tensor(w)
+            mask[b, :len(w)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        targets = ids[:, 1:]
+        valid = mask[:, 1:].bool()
+        if special:
+            valid &= ~torch.isin(targets, torch.tensor(sorted(special), device=device))
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                 reduction="none").view_as(targets)
+        total_loss += float(loss[valid].sum())
+        total_tok += int(valid.sum())
+    if total_tok == 0:
+        raise CastloraError("no tokens to score")
+    mean = total_loss / total_tok
+    return {"mean_loss": mean, "perplexity": math.exp(mean), "tokens": total_tok}
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, examples: list[dict], batch_size: int = 16, max_new_tokens: int | None = None) -> dict:
+    device = next(model.parameters()).device
+    old = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    correct = 0
+    try:
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            enc = tokenizer([e["prompt"] for e in chunk], return_tensors="pt", padding=True).to(device)
+            n_new = max_new_tokens or max(len(tokenizer(e["completion"], add_special_tokens=False)["input_ids"])
+                                          for e in chunk) + 2
+            out = model.generate(**enc, do_sample=False, max_new_tokens=n_new, pad_token_id=tokenizer.pad_token_id)
+            for e, seq in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
+                text = tokenizer.decode(seq, skip_special_tokens=True)
+                correct += text.strip().startswith(e["completion"].strip())
+    finally:
+        tokenizer.padding_side = old
+    return {"accuracy": correct / max(1, len(examples)), "n": len(examples)}
+
+
+def evaluate(model, tokenizer, data: str | Path, seq_len: int = 256, batch_size: int = 8,
+             max_tokens: int | None = None, max_examples: int | None = None) -> dict:
+    """Loss/perplexity on a text file, or exact-match accuracy on a prompt/completion jsonl."""
+    if is_examples_file(data):
+        ex = load_examples(data)
+        return exact_match(model, tokenizer, ex[:max_examples] if max_examples else ex, batch_size * 2)
+    return text_loss(model, tokenizer, read_documents(data), seq_len, batch_size, max_tokens)
+
+
+def retention(base: float, retrained: float, transfer: float, lower_is_better: bool = True) -> dict:
+    """ratio and gap recovered. For losses (lower_is_better) the score is exp(-loss), so
+    ratio = exp(loss_retrained - loss_transfer) = ppl_retrained / ppl_transfer."""
+    if lower_is_better:
+        ratio = math.exp(retrained - transfer)
+        gap = (base - transfer) / (base - retrained) if base != retrained else float("nan")
+    else:
+        ratio = transfer / retrained if retrained else float("nan")
+        gap = (transfer - base) / (retrained - base) if retrained != base else float("nan")
+    return {"ratio": ratio, "gap_recovered": gap}

@@ -1,0 +1,89 @@
+"""Fold the heads into a plain LoRA on the target and write it through peft's own API.
+
+With linear heads the ported delta at a site is exactly rank r:
+    s * P_out (core (P_in x))  =  B_T A_T x   with  A_T = core @ P_in,  B_T = s * P_out.
+Several kernels can land on one target module (a fused module hosting q and v, or two source
+layers mapped to one target layer): their A_T are stacked and their B_T placed side by side in
+the rows of their roles, so the module's LoRA rank is the sum of theirs. Every module is padded
+with zeros to one common rank (an exact no-op) so that any LoRA server can load the adapter;
+lora_alpha = r makes peft's scaling 1, the LoRA scale living in B_T.
+Non-linear heads are exported by a reduced-rank least-squares fit on corpus activations.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .cast_module import PortedKernel
+from .families import Site
+from .heads import LinearHead, reduced_rank_fit
+
+
+def port_factors(port: PortedKernel, site_inputs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A_T, B_T, relative fit error) of one port; exact (error 0) for linear heads."""
+    with torch.no_grad():
+        if isinstance(port.p_in, LinearHead) and isinstance(port.p_out, LinearHead):
+            A = port.core @ port.p_in.weight
+            B = port.scale * port.p_out.weight
+            return A.float().cpu(), B.float().cpu(), 0.0
+        if site_inputs is None:
+            raise ValueError("non-linear heads need target activations to be exported (site_inputs)")
+        X = site_inputs.float()
+        D = port(X.to(port.core.device)).float().cpu()
+        A, B, err = reduced_rank_fit(X.cpu(), D, port.rank)
+        return A, B, err
+
+
+def module_factors(ports: list[tuple[PortedKernel, Site]], inputs: dict[str, torch.Tensor] | None = None):
+    """Per target module path: (A: R x d_in, B: d_out x R) and the fit errors per port."""
+    per_module: dict[str, list[tuple[torch.Tensor, torch.Tensor, Site]]] = {}
+    errors = {}
+    for port, site in ports:
+        A, B, err = port_factors(port, None if inputs is None else inputs.get(site.path))
+        errors[f"{port.source_key}->{port.target_key}"] = err
+        per_module.setdefault(site.path, []).append((A, B, site))
+    out = {}
+    for path, items in per_module.items():
+        site0 = items[0][2]
+        A = torch.cat([a for a, _, _ in items], 0)
+        B = torch.zeros(site0.module_out, A.shape[0])
+        col = 0
+        for a, b, site in items:
+            rows = torch.arange(site.module_out) if site.rows is None else site.rows
+            B[rows, col:col + a.shape[0]] = b
+            col += a.shape[0]
+        out[path] = (A, B)
+    return out, errors
+
+
+def export_peft(target, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], out_dir: str | Path,
+                transposed: bool = False, base_model_name: str | None = None):
+    """Write `factors` as a PEFT LoRA adapter for `target` into out_dir; returns the target unwrapped.
+
+    Uses get_peft_model + the LoRA layers' own parameters + save_pretrained: no key is written by
+    hand, so the folder is exactly what peft itself would save for this target.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    rank = max(a.shape[0] for a, _ in factors.values())
+    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none",
+                        target_modules=sorted(factors), fan_in_fan_out=transposed,
+                        init_lora_weights=False)
+    peft_model = get_peft_model(target, config)
+    try:
+        with torch.no_grad():
+            for path, (A, B) in factors.items():
+                layer = peft_model.base_model.model.get_submodule(path)
+                wa, wb = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+                wa.zero_()
+                wb.zero_()
+                wa[: A.shape[0]] = A.to(wa)
+                wb[:, : A.shape[0]] = B.to(wb)
+        if base_model_name:
+            peft_model.peft_config["default"].base_model_name_or_path = base_model_name
+        peft_model.save_pretrained(str(out_dir), safe_serialization=True)
+    finally:
+        target = peft_model.unload()
+    return target

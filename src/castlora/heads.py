@@ -1,0 +1,85 @@
+"""Projection heads and their closed-form (ridge) start.
+
+Heads know only d_in and d_out. castlora's heads act on the *kernel's subspaces*: the source LoRA
+`B A` reads only the r directions of A's row space and writes only the r directions of B's column
+space, so `B A P_in` and `P_out B A` depend on P_in and P_out only through those r directions.
+Parametrising P_in: d_in_T -> r and P_out: r -> d_out_T therefore gives exactly the same family of
+ported deltas as full d_in_T -> d_in_S heads, with r * d parameters instead of d^2 (a 7B port
+trains megabytes of heads, not gigabytes), and the ported delta stays a rank-r LoRA.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LinearHead(nn.Module):
+    """y = W x (no bias: a bias would make the ported delta affine, which a LoRA cannot hold)."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d_out, d_in))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.t().to(x.dtype)
+
+    def linear_part(self) -> torch.Tensor:
+        return self.weight
+
+
+class MLPHead(nn.Module):
+    """Residual MLP head: y = W x + W2 gelu(W1 x). W2 starts at zero, so it starts as LinearHead."""
+
+    def __init__(self, d_in: int, d_out: int, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or max(4 * d_out, 16)
+        self.weight = nn.Parameter(torch.zeros(d_out, d_in))
+        self.w1 = nn.Parameter(torch.randn(hidden, d_in) / d_in ** 0.5)
+        self.w2 = nn.Parameter(torch.zeros(d_out, hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = x.dtype
+        h = torch.nn.functional.gelu(x @ self.w1.t().to(dt))
+        return x @ self.weight.t().to(dt) + h @ self.w2.t().to(dt)
+
+    def linear_part(self) -> torch.Tensor:
+        return self.weight
+
+
+HEADS = {"linear": LinearHead, "mlp": MLPHead}
+
+
+def make_head(kind: str, d_in: int, d_out: int) -> nn.Module:
+    if kind not in HEADS:
+        raise ValueError(f"unknown head type {kind!r}; choose one of {sorted(HEADS)}")
+    return HEADS[kind](d_in, d_out)
+
+
+def ridge(X: torch.Tensor, Y: torch.Tensor, lam: float = 1e-3) -> torch.Tensor:
+    """W (d_y x d_x) minimising ||X W^T - Y||^2 + lam * mean(diag(X^T X)) * ||W||^2.
+
+    The penalty is relative to the average feature energy, so one `lam` fits activations of any
+    scale. Solved in float64 through the normal equations (d_x is a hidden size, n >> d_x).
+    """
+    X, Y = X.double(), Y.double()
+    G = X.t() @ X
+    reg = lam * G.diagonal().mean().clamp_min(1e-12)
+    G = G + reg * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    return torch.linalg.solve(G, X.t() @ Y).t()
+
+
+def reduced_rank_fit(X: torch.Tensor, D: torch.Tensor, rank: int, lam: float = 1e-3):
+    """Best rank-`rank` linear map with D ~= X A^T B^T (reduced-rank ridge regression).
+
+    Returns (A: rank x d_x, B: d_d x rank, relative error ||D - X A^T B^T||^2 / ||D||^2).
+    Used to export non-linear heads as a LoRA.
+    """
+    L = ridge(X, D, lam)  # d_d x d_x
+    fitted = X.double() @ L.t()
+    _, _, Vh = torch.linalg.svd(fitted, full_matrices=False)
+    Vr = Vh[:rank].t()  # d_d x rank: the top directions of the fitted outputs
+    A = Vr.t() @ L
+    B = Vr
+    err = ((D.double() - X.double() @ A.t() @ B.t()).pow(2).sum() / D.double().pow(2).sum().clamp_min(1e-30))
+    return A.float(), B.float(), float(err)

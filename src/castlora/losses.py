@@ -1,0 +1,32 @@
+"""Pure tensor functions for the CAST loss (CAST.md, "Loss")."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def shared_log_probs(logits: torch.Tensor, vocab_ids: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Log-distribution over the shared vocabulary only, renormalised, at temperature tau."""
+    return F.log_softmax(logits.index_select(-1, vocab_ids).float() / tau, dim=-1)
+
+
+def delta_teacher(logp_target_base: torch.Tensor, logp_source_lora: torch.Tensor,
+                  logp_source_base: torch.Tensor) -> torch.Tensor:
+    """log p = log p_T + (log p_S+LoRA - log p_S), renormalised: T's own distribution, tilted by
+    exactly what the LoRA changes on S. With a zero LoRA it is p_T itself."""
+    return F.log_softmax(logp_target_base + (logp_source_lora - logp_source_base), dim=-1)
+
+
+def kl_divergence(logp_teacher: torch.Tensor, logp_student: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student), times tau^2 (keeps gradients comparable
+    across temperatures, as in distillation)."""
+    if logp_teacher.numel() == 0:
+        return logp_student.sum() * 0.0
+    kl = (logp_teacher.exp() * (logp_teacher - logp_student)).sum(-1)
+    return kl.mean() * tau * tau
+
+
+def relative_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """||pred - target||^2 / ||target||^2 over all positions."""
+    return (pred.float() - target.float()).pow(2).sum() / target.float().pow(2).sum().clamp_min(1e-12)

@@ -1,0 +1,199 @@
+"""The head-training loop (CAST.md step 5): L = alpha * KL + beta * MSE, heads only.
+
+Per step: the teacher reads the batch on the source side (no grad), the student (target with
+ported deltas) reads it on the target side, both are compared on aligned positions over the
+shared vocabulary. Batches are a pure function of the step number, so a run resumed from a
+checkpoint ends with the same heads as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .capture import capture
+from .cast_module import CastLinear, PortedKernel, deltas_off
+from .closed_form import gather_aligned
+from .errors import TrainingDiverged
+from .families import Site
+from .losses import delta_teacher, kl_divergence, relative_mse, shared_log_probs
+from .tokens import PairBatch, SharedVocab
+
+TEACHERS = ("source", "delta", "source_base")
+
+
+@dataclass
+class LoopConfig:
+    steps: int
+    lr: float = 2e-3
+    alpha: float = 1.0
+    beta: float = 0.1
+    temperature: float = 1.0
+    teacher: str = "source"
+    warmup: int = 20
+    grad_clip: float = 1.0
+    checkpoint_every: int = 100
+    log_every: int = 10
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    tokens_seen: int = 0
+    seconds: float = 0.0
+
+
+def lr_at(step: int, cfg: LoopConfig) -> float:
+    """Linear warmup, then cosine decay to 10% (a function of the step: nothing to checkpoint)."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def teacher_log_probs(source, source_inner, target, wrappers, batch: PairBatch, vocab: SharedVocab,
+                      teacher: str, tau: float, source_paths: list[str]):
+    """Teacher log-probs on aligned positions and the source site inputs (for the MSE term)."""
+    def logp_source(use_lora: bool):
+        with capture(source_inner, inputs=source_paths if use_lora else ()) as cap:
+            if use_lora:
+                out = source(input_ids=batch.ids_s, attention_mask=batch.mask_s)
+            else:
+                with source.disable_adapter():
+                    out = source(input_ids=batch.ids_s, attention_mask=batch.mask_s)
+        logits = gather_aligned(out.logits, batch.pos_s, batch.pos_mask)
+        return shared_log_probs(logits, vocab.ids_s.to(logits.device), tau), cap.inputs
+
+    with torch.no_grad():
+        lp_lora, inputs = logp_source(True)
+        if teacher == "source":
+            return lp_lora, inputs
+        lp_base, _ = logp_source(False)
+        if teacher == "source_base":
+            return lp_base, inputs
+        with deltas_off(wrappers):
+            t_logits = target(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
+        lp_t = shared_log_probs(gather_aligned(t_logits, batch.pos_t, batch.pos_mask),
+                                vocab.ids_t.to(t_logits.device), tau)
+        return delta_teacher(lp_t, lp_lora, lp_base), inputs
+
+
+def save_checkpoint(folder: Path, ports: list[tuple[PortedKernel, Site]], opt, state: LoopState) -> None:
+    """heads + optimizer moments as safetensors, the rest as JSON; written then renamed."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({f"{i}.{k}": v.detach().cpu().contiguous() for i, (p, _) in enumerate(ports)
+               for k, v in p.state_dict().items()}, str(tmp / "heads.safetensors"))
+    opt_state = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in opt_state["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    save_file(tensors or {"_empty": torch.zeros(1)}, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({
+        "step": state.step, "history": state.history, "tokens_seen": state.tokens_seen,
+        "seconds": state.seconds, "param_groups": opt_state["param_groups"], "scalars": scalars}))
+    if folder.exists():
+        import shutil
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def load_checkpoint(folder: Path, ports: list[tuple[PortedKernel, Site]], opt) -> LoopState:
+    heads = load_file(str(folder / "heads.safetensors"))
+    for i, (p, _) in enumerate(ports):
+        p.load_state_dict({k.split(".", 1)[1]: v for k, v in heads.items() if k.split(".", 1)[0] == str(i)})
+    meta = json.loads((folder / "state.json").read_text())
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    state: dict = {}
+    for k, v in tensors.items():
+        if k == "_empty":
+            continue
+        idx, name = k.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    for k, v in meta["scalars"].items():
+        idx, name = k.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return LoopState(meta["step"], meta["history"], meta["tokens_seen"], meta["seconds"])
+
+
+def fit_heads(source, source_inner, target, wrappers: list[CastLinear], ports: list[tuple[PortedKernel, Site]],
+              make_batch: Callable[[int], PairBatch], vocab: SharedVocab, cfg: LoopConfig,
+              workdir: Path | None = None, resume: bool = False, log: Callable[[dict], None] | None = None,
+              progress: bool = True) -> LoopState:
+    """Train the heads of `ports` for cfg.steps steps. Only head parameters get gradients."""
+    if cfg.teacher not in TEACHERS:
+        raise ValueError(f"unknown teacher {cfg.teacher!r}; choose one of {TEACHERS}")
+    params = [p for port, _ in ports for p in port.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    ckpt = workdir / "checkpoint" if workdir else None
+    state = LoopState()
+    if resume and ckpt and ckpt.exists():
+        state = load_checkpoint(ckpt, ports, opt)
+    source_paths = [p.source_module for p, _ in ports]
+    for port, _ in ports:
+        port.record = cfg.beta > 0
+    device = next(target.parameters()).device
+    bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, desc="castlora", dynamic_ncols=True)
+    try:
+        while state.step < cfg.steps:
+            t0 = time.perf_counter()
+            batch = make_batch(state.step).to(device)
+            lp_teacher, x_src = teacher_log_probs(source, source_inner, target, wrappers, batch, vocab,
+                                                  cfg.teacher, cfg.temperature, source_paths)
+            logits = target(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
+            lp_student = shared_log_probs(gather_aligned(logits, batch.pos_t, batch.pos_mask),
+                                          vocab.ids_t.to(device), cfg.temperature)
+            kl = kl_divergence(lp_teacher, lp_student, cfg.temperature)
+            mse = torch.zeros((), device=device)
+            if cfg.beta > 0:
+                for port, _ in ports:
+                    z_t = gather_aligned(port.last_z, batch.pos_t, batch.pos_mask)
+                    z_s = gather_aligned(x_src[port.source_module], batch.pos_s, batch.pos_mask).float() @ port.in_basis
+                    mse = mse + relative_mse(z_t, z_s) / len(ports)
+            loss = cfg.alpha * kl + cfg.beta * mse
+            for name, v in (("kl", kl), ("mse", mse)):
+                if not torch.isfinite(v):
+                    raise TrainingDiverged(
+                        f"the {name} loss became {v.item()} at step {state.step}; the heads were not updated. "
+                        f"The last good checkpoint is in {ckpt} (resume with --resume, perhaps with a lower "
+                        "--lr)" if ckpt else f"the {name} loss became {v.item()} at step {state.step}")
+            for g in opt.param_groups:
+                g["lr"] = lr_at(state.step, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            dt = time.perf_counter() - t0
+            n_tok = int(batch.mask_t.sum())
+            state.step += 1
+            state.tokens_seen += n_tok
+            state.seconds += dt
+            rec = {"step": state.step, "loss": round(loss.item(), 6), "kl": round(kl.item(), 6),
+                   "mse": round(mse.item(), 6), "lr": lr_at(state.step - 1, cfg),
+                   "aligned": batch.num_aligned, "tok_s": round(n_tok / dt, 1)}
+            state.history.append(rec)
+            bar.update(1)
+            bar.set_postfix(kl=f"{rec['kl']:.4f}", mse=f"{rec['mse']:.3f}", tok_s=f"{rec['tok_s']:.0f}")
+            if log and (state.step % cfg.log_every == 0 or state.step == cfg.steps):
+                log(rec)
+            if ckpt and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
+                save_checkpoint(ckpt, ports, opt, state)
+    finally:
+        bar.close()
+        for port, _ in ports:
+            port.record, port.last_z = False, None
+    return state

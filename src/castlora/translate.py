@@ -1,0 +1,234 @@
+"""`translate`: port a LoRA from a source model to a target model, end to end.
+
+check inputs -> load models -> kernels -> corpus (+ generated text) -> site map -> heads
+(closed form) -> train -> export a PEFT adapter atomically, with castlora.json beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from . import __version__
+from .adapters import SAFETENSORS_NAME, load_adapter, read_adapter_folder
+from .cast_module import PortedKernel, attached
+from .closed_form import closed_form_init, gather_aligned, random_init
+from .capture import capture
+from .config import TranslateConfig, build, to_dict
+from .corpus import check_corpus_path, make_chunks, read_corpus
+from .errors import CastloraError, CorpusError
+from .export import export_peft, module_factors
+from .families import model_sites
+from .generate import sample_texts
+from .models import check_model_path, load_model, load_tokenizer
+from .safe_io import atomic_folder
+from .site_map import cka_layer_map, map_sites, proportional_layer_map
+from .tokens import encode_pair, shared_vocab
+from .train import LoopConfig, fit_heads
+
+MIN_ALIGNED_FRACTION = 0.2
+
+
+@dataclass
+class TranslateResult:
+    out: Path
+    record: dict
+
+
+def check_inputs(cfg: TranslateConfig) -> None:
+    """Everything that can be checked before a model is loaded."""
+    for name in ("source", "adapter", "target", "out"):
+        if not getattr(cfg, name):
+            raise CastloraError(f"--{name} is required")
+    if not cfg.corpus:
+        raise CastloraError("--corpus is required: one or more general-text files (.txt, .txt.gz, .jsonl)")
+    check_model_path(cfg.source, cfg.allow_pickle, "source model")
+    check_model_path(cfg.target, cfg.allow_pickle, "target model")
+    read_adapter_folder(cfg.adapter, cfg.allow_pickle)
+    for c in cfg.corpus:
+        check_corpus_path(str(c))
+    out = Path(cfg.out)
+    if out.exists() and not (cfg.overwrite or cfg.resume):
+        raise CastloraError(f"output folder {out} already exists: choose another --out or pass --overwrite")
+    if cfg.steps < 0 or cfg.batch_size < 1 or cfg.seq_len < 8:
+        raise CastloraError("--steps must be >= 0, --batch-size >= 1 and --seq-len >= 8")
+
+
+def _source_with_adapter(cfg: TranslateConfig, source):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(source, cfg.adapter, is_trainable=False)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _training_texts(cfg, docs, tok_s, source, n_needed, log) -> tuple[list[str], dict]:
+    """Chunks of general text, mixed with text sampled from source+LoRA when --generate is set."""
+    info = {}
+    n_gen = min(cfg.generate, int(round(n_needed * cfg.mix))) if cfg.generate else 0
+    general = make_chunks(docs, tok_s, cfg.seq_len, n_needed - n_gen + cfg.calib_batches * cfg.batch_size,
+                          seed=cfg.seed)
+    if not general:
+        raise CorpusError("the corpus yields no text chunk of at least 16 tokens")
+    texts = general
+    if cfg.generate:
+        t0 = time.perf_counter()
+        gen = sample_texts(source, tok_s, docs, cfg.generate, max_new_tokens=cfg.seq_len, top_k=cfg.top_k,
+                           seed=cfg.seed, progress=cfg.progress)
+        info = {"generated_texts": len(gen), "generated_chars": sum(map(len, gen)),
+                "generation_seconds": round(time.perf_counter() - t0, 1)}
+        log(f"generated {len(gen)} texts ({info['generated_chars']} chars) in {info['generation_seconds']} s")
+        rng = random.Random(cfg.seed)
+        n_general = max(0, n_needed - n_gen)
+        stream = [gen[i % len(gen)] for i in range(n_gen)] + general[:n_general]
+        rng.shuffle(stream)
+        texts = general[n_general:n_general + cfg.calib_batches * cfg.batch_size] + stream
+        texts = texts if texts else general
+    return texts, info
+
+
+def translate(source: str = "", adapter: str = "", target: str = "", corpus: list | str = (), out: str = "",
+              config: TranslateConfig | None = None, log=print, **options) -> TranslateResult:
+    """Port the LoRA in `adapter` (trained on `source`) to `target`; write a PEFT adapter to `out`.
+
+    Options are the fields of TranslateConfig (steps, teacher, head, layer_map, ...).
+    """
+    base = to_dict(config) if config else {}
+    given = dict(source=source, adapter=adapter, target=target, out=out,
+                 corpus=[corpus] if isinstance(corpus, (str, Path)) else list(corpus), **options)
+    cfg = build(TranslateConfig, base, {k: v for k, v in given.items() if v not in ("", [], ())})
+    check_inputs(cfg)
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    workdir = out.with_name(f".{out.name}.castlora-work")
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    log(f"loading {cfg.source} and {cfg.target}")
+    src_base = load_model(cfg.source, cfg.dtype, cfg.device, allow_pickle=cfg.allow_pickle,
+                          trust_remote_code=cfg.trust_remote_code)
+    tgt = load_model(cfg.target, cfg.dtype, cfg.device, allow_pickle=cfg.allow_pickle,
+                     trust_remote_code=cfg.trust_remote_code)
+    tok_s = load_tokenizer(cfg.source, cfg.trust_remote_code)
+    tok_t = load_tokenizer(cfg.target, cfg.trust_remote_code)
+    s_sites, t_sites = model_sites(src_base), model_sites(tgt)
+    lora = load_adapter(cfg.adapter, s_sites, cfg.allow_pickle)
+    source = _source_with_adapter(cfg, src_base)
+    source_inner = source.base_model.model
+
+    docs = read_corpus(cfg.corpus)
+    n_needed = max(cfg.steps, 1) * cfg.batch_size
+    texts, gen_info = _training_texts(cfg, docs, tok_s, source, n_needed, log)
+    n_calib = min(len(texts), cfg.calib_batches * cfg.batch_size)
+    calib_texts, train_texts = texts[:n_calib], texts[n_calib:] or texts
+    vocab = shared_vocab(tok_s, tok_t)
+    max_len_t = int(cfg.seq_len * 1.5)  # the target tokenizer may need more tokens for the same text
+
+    def make_batch(step: int, pool=train_texts):
+        idx = [(step * cfg.batch_size + i) % len(pool) for i in range(cfg.batch_size)]
+        return encode_pair([pool[i] for i in idx], tok_s, tok_t, cfg.seq_len, max_len_t)
+
+    calib = [make_batch(i, calib_texts).to(cfg.device) for i in range(max(1, n_calib // cfg.batch_size))]
+    n_aligned = sum(b.num_aligned for b in calib)
+    n_src_tokens = sum(int(b.mask_s.sum()) for b in calib)
+    frac = n_aligned / max(1, n_src_tokens)
+    log(f"alignment: {n_aligned} of {n_src_tokens} source positions on common boundaries ({frac:.1%}); "
+        f"shared vocabulary {vocab.size}")
+    if frac < MIN_ALIGNED_FRACTION:
+        raise CorpusError(f"only {frac:.1%} of source positions align with the target tokenizer "
+                          f"({n_aligned} of {n_src_tokens}); castlora needs at least {MIN_ALIGNED_FRACTION:.0%}")
+    if vocab.size < 100:
+        raise CorpusError(f"the two vocabularies share only {vocab.size} pieces: no usable KL signal")
+    if len(train_texts) < cfg.batch_size:
+        raise CorpusError(f"the corpus yields {len(train_texts)} training chunks of {cfg.seq_len} tokens, "
+                          f"fewer than one batch ({cfg.batch_size})")
+
+    # Layer map: proportional depth, or CKA between residual streams on the calibration batches.
+    cka_info = None
+    if cfg.layer_map == "cka":
+        s_paths, t_paths = s_sites.layer_paths, t_sites.layer_paths
+        acc_s, acc_t = [[] for _ in s_paths], [[] for _ in t_paths]
+        with torch.no_grad():
+            for b in calib:
+                with capture(source_inner, outputs=s_paths) as cs:
+                    source(input_ids=b.ids_s, attention_mask=b.mask_s)
+                with capture(tgt, outputs=t_paths) as ct:
+                    tgt(input_ids=b.ids_t, attention_mask=b.mask_t)
+                for i, p in enumerate(s_paths):
+                    acc_s[i].append(gather_aligned(cs.outputs[p], b.pos_s, b.pos_mask).float().cpu())
+                for j, p in enumerate(t_paths):
+                    acc_t[j].append(gather_aligned(ct.outputs[p], b.pos_t, b.pos_mask).float().cpu())
+        layer_map, sim = cka_layer_map([torch.cat(a) for a in acc_s], [torch.cat(a) for a in acc_t])
+        cka_info = [[round(v, 4) for v in row] for row in sim]
+    else:
+        layer_map = proportional_layer_map(s_sites.num_layers, t_sites.num_layers)
+    pairs, dropped = map_sites(lora.kernels, t_sites, layer_map, cfg.allow_drop)
+    if not pairs:
+        raise CastloraError("no adapter site could be ported to the target")
+    for d in dropped:
+        log(f"dropped {d['source']} ({d['source_module']}): {d['reason']}")
+    ports = [(PortedKernel(p.kernel, p.target, cfg.head).to(cfg.device), p.target) for p in pairs]
+
+    if cfg.init == "closed-form":
+        init_info = closed_form_init(ports, source_inner, tgt, [p.source_module for p, _ in ports], calib, cfg.ridge)
+    else:
+        random_init(ports, cfg.seed)
+        init_info = {"random_seed": cfg.seed}
+
+    log(f"porting {len(ports)} kernels onto {len({s.path for _, s in ports})} target modules; "
+        f"{sum(p.numel() for port, _ in ports for p in port.parameters())} head parameters")
+    history, state = [], None
+    log_file = workdir / "train_log.jsonl"
+    with attached(tgt, ports) as wrappers:
+        if cfg.steps > 0:
+            loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, alpha=cfg.alpha, beta=cfg.beta,
+                              temperature=cfg.temperature, teacher=cfg.teacher,
+                              warmup=min(20, max(1, cfg.steps // 10)), checkpoint_every=cfg.checkpoint_every)
+            with log_file.open("a") as lf:
+                state = fit_heads(source, source_inner, tgt, wrappers, ports, make_batch, vocab, loop, workdir,
+                                  cfg.resume, log=lambda r: (lf.write(json.dumps(r) + "\n"), lf.flush()),
+                                  progress=cfg.progress)
+            history = state.history
+        # Non-linear heads are exported by a least-squares fit on target activations.
+        export_inputs = None
+        if cfg.head != "linear":
+            with torch.no_grad(), capture(tgt, inputs=[s.path for _, s in ports]) as ct:
+                for b in calib:
+                    tgt(input_ids=b.ids_t, attention_mask=b.mask_t)
+            export_inputs = {p: x.reshape(-1, x.shape[-1]) for p, x in ct.inputs.items()}
+    factors, fit_errors = module_factors(ports, export_inputs)
+
+    record = {
+        "castlora_version": __version__, "source": cfg.source, "target": cfg.target, "adapter": cfg.adapter,
+        "source_family": s_sites.family.name, "target_family": t_sites.family.name,
+        "layer_map": layer_map, "layer_map_kind": cfg.layer_map, "cka": cka_info,
+        "site_map": [p.describe() for p in pairs], "dropped": dropped,
+        "config": to_dict(cfg), "init": init_info, "loss_curve": history,
+        "corpus_tokens_seen": state.tokens_seen if state else 0, "train_seconds": round(state.seconds, 2) if state else 0,
+        "alignment": {"calibration_aligned_fraction": round(frac, 4), "shared_vocab": vocab.size},
+        "corpus_docs": len(docs), **gen_info, "export_fit_error": fit_errors,
+        "exported_rank": max(a.shape[0] for a, _ in factors.values()),
+        "hardware": {"device": cfg.device, "torch": torch.__version__, "platform": platform.platform(),
+                     "threads": torch.get_num_threads()},
+    }
+    with atomic_folder(out, overwrite=cfg.overwrite or cfg.resume) as tmp:
+        tgt = export_peft(tgt, factors, tmp, t_sites.family.transposed, base_model_name=cfg.target)
+        save_file({f"{port.source_key}->{port.target_key}.{k}": v.detach().cpu().contiguous()
+                   for port, _ in ports for k, v in port.state_dict().items()}, str(tmp / "heads.safetensors"))
+        record["wall_seconds"] = round(time.perf_counter() - t_start, 2)
+        (tmp / "castlora.json").write_text(json.dumps(record, indent=2))
+        if log_file.exists():
+            shutil.copy(log_file, tmp / "train_log.jsonl")
+    shutil.rmtree(workdir, ignore_errors=True)
+    log(f"wrote {out} ({SAFETENSORS_NAME}, heads.safetensors, castlora.json) in {record['wall_seconds']} s")
+    return TranslateResult(out, record)

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny random models of every supported family, real tokenizers, real text."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+SHARED = Path(os.environ.get("CASTLORA_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+# Small enough to build in milliseconds, large enough to have GQA, several heads and layers.
+_COMMON = dict(vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False,
+               bos_token_id=1, eos_token_id=2, pad_token_id=0)
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2),
+    "mistral": dict(hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=6,
+                    num_key_value_heads=2, sliding_window=None),
+    "qwen2": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2),
+    "qwen3": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8),
+    "gemma": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=1, head_dim=8),
+    "gemma2": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=8),
+    "phi3": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64),
+    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     rotary_pct=0.25),
+    "opt": dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                word_embed_proj_dim=32),
+}
+
+
+def make_tiny(model_type: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A randomly initialised causal LM of `model_type`, float32, eval mode."""
+    kwargs = {**_COMMON, **TINY_CONFIGS[model_type], **overrides}
+    if model_type == "gpt2":
+        kwargs.pop("max_position_embeddings")
+    config = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random init in transformers is small; give weights real spread so deltas are visible.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny():
+    return make_tiny
+
+
+def shared_path(*parts: str) -> Path:
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"offline asset {p} not found (set CASTLORA_SHARED)")
+    return p
+
+
+def read_docs(*parts: str, n: int | None = None) -> list[str]:
+    path = shared_path(*parts)
+    docs = [d for d in gzip.open(path, "rt", encoding="utf-8").read().split("\n\n\n") if d.strip()]
+    return docs[:n] if n else docs
+
+
+@pytest.fixture(scope="session")
+def zoo():
+    def _zoo(name: str) -> Path:
+        return shared_path("zoo", name)
+    return _zoo
