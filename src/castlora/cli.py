@@ -75,6 +75,25 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import BenchConfig, bench
+
+    kw = {k: v for k, v in dict(out=args.out, shared=args.shared, pairs=args.pairs, tasks=args.tasks,
+                                methods=args.methods, cast_steps=args.cast_steps, device=args.device,
+                                dtype=args.dtype).items() if v is not None}
+    cfg = BenchConfig.quick(**kw) if args.quick else BenchConfig(**kw)
+    table = bench(cfg)
+    if args.quick:
+        bad = [r for r in table["rows"] if r["ratio"] is not None and not all(
+            isinstance(r[k], float) and r[k] == r[k] and abs(r[k]) != float("inf") for k in ("score", "ratio", "gap_recovered"))]
+        sanity = [r for r in table["rows"] if r["pair"] == "llama->llama" and r["method"] == "cast0"]
+        if bad or any(r["gap_recovered"] < 0.9 for r in sanity):
+            print(f"castlora bench --quick: FAILED (non-finite rows: {len(bad)}; sanity cast0 gap: "
+                  f"{[round(r['gap_recovered'], 3) for r in sanity]})", file=sys.stderr)
+            return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="castlora", description="Port LoRA adapters between LLM architectures (CAST).")
     parser.add_argument("--version", action="version", version=f"castlora {__version__}")
@@ -127,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="mistral")
     p.add_argument("--quick", action="store_true", help="fewer steps (a smoke test)")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("bench", help="the retention benchmark on the zoo models (results.json, results.md, PNG)")
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--quick", action="store_true", help="a small smoke run (< 15 CPU minutes)")
+    p.add_argument("--shared", default=None)
+    p.add_argument("--pairs", nargs="+")
+    p.add_argument("--tasks", nargs="+")
+    p.add_argument("--methods", nargs="+")
+    p.add_argument("--cast-steps", type=int)
+    p.add_argument("--device")
+    p.add_argument("--dtype")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

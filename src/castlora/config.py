@@ -25,6 +25,8 @@ class TranslateConfig:
     target: str = opt("", "target model: local folder or hub id")
     corpus: list = opt([], "general text: .txt/.txt.gz/.jsonl files or a `datasets` name")
     out: str = opt("", "output folder (PEFT adapter + heads + castlora.json)")
+    transfer: str = opt("cast", "cast: learned heads; weight-space: the data-free Cross-LoRA style baseline",
+                        ("cast", "weight-space"))
     steps: int = opt(300, "head-training steps; 0 = the closed-form transfer alone (CAST-0)")
     batch_size: int = opt(8, "texts per step")
     seq_len: int = opt(256, "source tokens per text")

@@ -101,22 +101,31 @@ def check_corpus_path(p: str) -> None:
 
 def make_chunks(docs: list[str], tokenizer, seq_len: int, n_chunks: int, seed: int = 0,
                 min_tokens: int = 16) -> list[str]:
-    """Up to `n_chunks` text chunks of about `seq_len` source tokens each, documents in a seeded
-    random order (a chunk never spans two documents; short tails are kept if >= min_tokens)."""
+    """Up to `n_chunks` text chunks of about `seq_len` source tokens, documents in a seeded random
+    order. Long documents are cut into windows; short ones (most of a fortune-style corpus) are
+    packed together, separated by a blank line, so every chunk carries a full sequence of signal."""
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
-    # Leave room for special tokens the tokenizer adds (BOS) and for re-tokenisation drift.
-    width = max(8, seq_len - 2)
+    width = max(8, seq_len - 2)  # room for BOS and for re-tokenisation drift
     chunks: list[str] = []
+    pending, pending_len = [], 0
     for start in range(0, len(order), 64):
         batch_docs = [docs[i] for i in order[start:start + 64]]
         enc = tokenizer(batch_docs, add_special_tokens=False, return_offsets_mapping=True)
         for doc, offsets in zip(batch_docs, enc["offset_mapping"]):
             for t0 in range(0, len(offsets), width):
                 window = offsets[t0:t0 + width]
-                if len(window) < min_tokens:
-                    continue
-                chunks.append(doc[window[0][0]:window[-1][1]])
+                piece = doc[window[0][0]:window[-1][1]] if window else ""
+                if len(window) == width:
+                    chunks.append(piece)
+                elif window:
+                    if pending_len + len(window) + 2 > width and pending_len >= min_tokens:
+                        chunks.append("\n\n".join(pending))
+                        pending, pending_len = [], 0
+                    pending.append(piece)
+                    pending_len += len(window) + 2  # + the separator's tokens, roughly
                 if len(chunks) >= n_chunks:
                     return chunks
+    if pending_len >= min_tokens and len(chunks) < n_chunks:
+        chunks.append("\n\n".join(pending))
     return chunks

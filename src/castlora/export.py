@@ -36,26 +36,33 @@ def port_factors(port: PortedKernel, site_inputs: torch.Tensor | None = None) ->
         return A, B, err
 
 
-def module_factors(ports: list[tuple[PortedKernel, Site]], inputs: dict[str, torch.Tensor] | None = None):
-    """Per target module path: (A: R x d_in, B: d_out x R) and the fit errors per port."""
+def stack_factors(items: list[tuple[torch.Tensor, torch.Tensor, Site]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per target module path: (A: R x d_in, B: module_out x R) from per-site (A, B, site) factors.
+    Kernels on one module are stacked; a fused site's B fills only its role's rows."""
     per_module: dict[str, list[tuple[torch.Tensor, torch.Tensor, Site]]] = {}
-    errors = {}
+    for A, B, site in items:
+        per_module.setdefault(site.path, []).append((A, B, site))
+    out = {}
+    for path, group in per_module.items():
+        A = torch.cat([a for a, _, _ in group], 0)
+        Bm = torch.zeros(group[0][2].module_out, A.shape[0])
+        col = 0
+        for a, b, site in group:
+            rows = torch.arange(site.module_out) if site.rows is None else site.rows
+            Bm[rows, col:col + a.shape[0]] = b
+            col += a.shape[0]
+        out[path] = (A, Bm)
+    return out
+
+
+def module_factors(ports: list[tuple[PortedKernel, Site]], inputs: dict[str, torch.Tensor] | None = None):
+    """Per target module path: (A, B) of all ports on it, and the fit error per port."""
+    items, errors = [], {}
     for port, site in ports:
         A, B, err = port_factors(port, None if inputs is None else inputs.get(site.path))
         errors[f"{port.source_key}->{port.target_key}"] = err
-        per_module.setdefault(site.path, []).append((A, B, site))
-    out = {}
-    for path, items in per_module.items():
-        site0 = items[0][2]
-        A = torch.cat([a for a, _, _ in items], 0)
-        B = torch.zeros(site0.module_out, A.shape[0])
-        col = 0
-        for a, b, site in items:
-            rows = torch.arange(site.module_out) if site.rows is None else site.rows
-            B[rows, col:col + a.shape[0]] = b
-            col += a.shape[0]
-        out[path] = (A, B)
-    return out, errors
+        items.append((A, B, site))
+    return stack_factors(items), errors
 
 
 def export_peft(target, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], out_dir: str | Path,

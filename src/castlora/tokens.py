@@ -94,6 +94,7 @@ class SharedVocab:
 
     @property
     def size(self) -> int:
+        """Number of id pairs."""
         return int(self.ids_s.numel())
 
 
@@ -116,8 +117,9 @@ def _boundaries(offsets: np.ndarray, special: np.ndarray, length: int | None) ->
 
     A token qualifies only if the next non-special token starts at or after its end: this drops
     all but the last byte-fallback / byte-level piece of a multi-byte character (they share the
-    character's offsets) and SentencePiece's dummy-prefix ``▁`` (whose offsets overlap the next
-    token's). It is why the caller should pass one token beyond the truncation length.
+    character's offsets) and a SentencePiece dummy-prefix ``▁`` whose offsets overlap the next
+    token's (Llama-2 encodes " the" as ``▁`` (0,1) + ``▁the`` (0,4): the first piece has read no
+    text). It is why the caller should pass one token beyond the truncation length.
     """
     pos = np.flatnonzero(~np.asarray(special, dtype=bool))
     off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[pos]
@@ -163,9 +165,11 @@ class PairBatch:
 
     @property
     def num_aligned(self) -> int:
+        """Total number of aligned position pairs in the batch."""
         return int(self.pos_mask.sum())
 
     def to(self, device: torch.device | str) -> "PairBatch":
+        """A copy with every tensor on ``device``."""
         return PairBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 

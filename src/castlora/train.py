@@ -87,6 +87,24 @@ def teacher_log_probs(source, source_inner, target, wrappers, batch: PairBatch, 
         return delta_teacher(lp_t, lp_lora, lp_base), inputs
 
 
+def cast_loss(source, source_inner, target, wrappers, ports: list[tuple[PortedKernel, Site]], batch: PairBatch,
+              vocab: SharedVocab, cfg: LoopConfig, source_paths: list[str]):
+    """One CAST step's loss: teacher (no grad) vs student on aligned positions, plus the MSE term."""
+    lp_teacher, x_src = teacher_log_probs(source, source_inner, target, wrappers, batch, vocab,
+                                          cfg.teacher, cfg.temperature, source_paths)
+    logits = target(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
+    lp_student = shared_log_probs(gather_aligned(logits, batch.pos_t, batch.pos_mask),
+                                  vocab.ids_t.to(logits.device), cfg.temperature)
+    kl = kl_divergence(lp_teacher, lp_student, cfg.temperature)
+    mse = torch.zeros((), device=logits.device)
+    if cfg.beta > 0:
+        for port, _ in ports:
+            z_t = gather_aligned(port.last_z, batch.pos_t, batch.pos_mask)
+            z_s = gather_aligned(x_src[port.source_module], batch.pos_s, batch.pos_mask).float() @ port.in_basis
+            mse = mse + relative_mse(z_t, z_s) / len(ports)
+    return cfg.alpha * kl + cfg.beta * mse, kl, mse
+
+
 def save_checkpoint(folder: Path, ports: list[tuple[PortedKernel, Site]], opt, state: LoopState) -> None:
     """heads + optimizer moments as safetensors, the rest as JSON; written then renamed."""
     tmp = folder.with_name(folder.name + ".tmp")
@@ -148,23 +166,13 @@ def fit_heads(source, source_inner, target, wrappers: list[CastLinear], ports: l
         port.record = cfg.beta > 0
     device = next(target.parameters()).device
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, desc="castlora", dynamic_ncols=True)
+    updating = False
     try:
         while state.step < cfg.steps:
             t0 = time.perf_counter()
             batch = make_batch(state.step).to(device)
-            lp_teacher, x_src = teacher_log_probs(source, source_inner, target, wrappers, batch, vocab,
-                                                  cfg.teacher, cfg.temperature, source_paths)
-            logits = target(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
-            lp_student = shared_log_probs(gather_aligned(logits, batch.pos_t, batch.pos_mask),
-                                          vocab.ids_t.to(device), cfg.temperature)
-            kl = kl_divergence(lp_teacher, lp_student, cfg.temperature)
-            mse = torch.zeros((), device=device)
-            if cfg.beta > 0:
-                for port, _ in ports:
-                    z_t = gather_aligned(port.last_z, batch.pos_t, batch.pos_mask)
-                    z_s = gather_aligned(x_src[port.source_module], batch.pos_s, batch.pos_mask).float() @ port.in_basis
-                    mse = mse + relative_mse(z_t, z_s) / len(ports)
-            loss = cfg.alpha * kl + cfg.beta * mse
+            loss, kl, mse = cast_loss(source, source_inner, target, wrappers, ports, batch, vocab, cfg,
+                                      source_paths)
             for name, v in (("kl", kl), ("mse", mse)):
                 if not torch.isfinite(v):
                     raise TrainingDiverged(
@@ -175,6 +183,7 @@ def fit_heads(source, source_inner, target, wrappers: list[CastLinear], ports: l
                 g["lr"] = lr_at(state.step, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            updating = True  # from here until the state says step+1, a checkpoint would be torn
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             dt = time.perf_counter() - t0
@@ -182,6 +191,7 @@ def fit_heads(source, source_inner, target, wrappers: list[CastLinear], ports: l
             state.step += 1
             state.tokens_seen += n_tok
             state.seconds += dt
+            updating = False
             rec = {"step": state.step, "loss": round(loss.item(), 6), "kl": round(kl.item(), 6),
                    "mse": round(mse.item(), 6), "lr": lr_at(state.step - 1, cfg),
                    "aligned": batch.num_aligned, "tok_s": round(n_tok / dt, 1)}
@@ -192,6 +202,11 @@ def fit_heads(source, source_inner, target, wrappers: list[CastLinear], ports: l
                 log(rec)
             if ckpt and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
                 save_checkpoint(ckpt, ports, opt, state)
+    except KeyboardInterrupt:
+        # Ctrl-C: keep the work done so far (SIGKILL falls back to the last periodic checkpoint).
+        if ckpt and not updating and state.step > 0:
+            save_checkpoint(ckpt, ports, opt, state)
+        raise
     finally:
         bar.close()
         for port, _ in ports:

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import __version__
+from .baselines.weight_space import weight_space_factors
 from .adapters import SAFETENSORS_NAME, load_adapter, read_adapter_folder
 from .cast_module import PortedKernel, attached
 from .closed_form import closed_form_init, gather_aligned, random_init
@@ -58,6 +59,9 @@ def check_inputs(cfg: TranslateConfig) -> None:
     out = Path(cfg.out)
     if out.exists() and not (cfg.overwrite or cfg.resume):
         raise CastloraError(f"output folder {out} already exists: choose another --out or pass --overwrite")
+    if cfg.resume and out.exists() and not out.with_name(f".{out.name}.castlora-work").exists():
+        raise CastloraError(f"{out} is complete and there is no interrupted run to resume; "
+                            "pass --overwrite instead of --resume to redo it")
     if cfg.steps < 0 or cfg.batch_size < 1 or cfg.seq_len < 8:
         raise CastloraError("--steps must be >= 0, --batch-size >= 1 and --seq-len >= 8")
 
@@ -111,8 +115,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    workdir = out.with_name(f".{out.name}.castlora-work")
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = out.with_name(f".{out.name}.castlora-work")  # created when training starts (checkpoints)
 
     log(f"loading {cfg.source} and {cfg.target}")
     src_base = load_model(cfg.source, cfg.dtype, cfg.device, allow_pickle=cfg.allow_pickle,
@@ -179,7 +182,10 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
         log(f"dropped {d['source']} ({d['source_module']}): {d['reason']}")
     ports = [(PortedKernel(p.kernel, p.target, cfg.head).to(cfg.device), p.target) for p in pairs]
 
-    if cfg.init == "closed-form":
+    if cfg.transfer == "weight-space":
+        init_info = {"transfer": "weight-space"}
+        cfg.steps = 0
+    elif cfg.init == "closed-form":
         init_info = closed_form_init(ports, source_inner, tgt, [p.source_module for p, _ in ports], calib, cfg.ridge)
     else:
         random_init(ports, cfg.seed)
@@ -194,6 +200,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
             loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, alpha=cfg.alpha, beta=cfg.beta,
                               temperature=cfg.temperature, teacher=cfg.teacher,
                               warmup=min(20, max(1, cfg.steps // 10)), checkpoint_every=cfg.checkpoint_every)
+            workdir.mkdir(parents=True, exist_ok=True)
             with log_file.open("a") as lf:
                 state = fit_heads(source, source_inner, tgt, wrappers, ports, make_batch, vocab, loop, workdir,
                                   cfg.resume, log=lambda r: (lf.write(json.dumps(r) + "\n"), lf.flush()),
@@ -207,6 +214,8 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
                     tgt(input_ids=b.ids_t, attention_mask=b.mask_t)
             export_inputs = {p: x.reshape(-1, x.shape[-1]) for p, x in ct.inputs.items()}
     factors, fit_errors = module_factors(ports, export_inputs)
+    if cfg.transfer == "weight-space":  # the baseline ignores the heads: SVD subspace transfer
+        factors, fit_errors = weight_space_factors(pairs, s_sites, src_base, tgt), {}
 
     record = {
         "castlora_version": __version__, "source": cfg.source, "target": cfg.target, "adapter": cfg.adapter,
@@ -227,8 +236,8 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
                    for port, _ in ports for k, v in port.state_dict().items()}, str(tmp / "heads.safetensors"))
         record["wall_seconds"] = round(time.perf_counter() - t_start, 2)
         (tmp / "castlora.json").write_text(json.dumps(record, indent=2))
-        if log_file.exists():
-            shutil.copy(log_file, tmp / "train_log.jsonl")
+        # The final log comes from the loop's history: a resumed run lists every step once.
+        (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
     shutil.rmtree(workdir, ignore_errors=True)
     log(f"wrote {out} ({SAFETENSORS_NAME}, heads.safetensors, castlora.json) in {record['wall_seconds']} s")
     return TranslateResult(out, record)

@@ -1,0 +1,1 @@
+"""Data-free baselines a CAST transfer is compared with."""

@@ -1,0 +1,69 @@
+"""Tables and a chart from results.json: ratio and gap recovered per (pair, task) and method."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+
+def _fmt(v) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def markdown_table(table: dict) -> str:
+    rows = table["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] not in ("base", "retrained", "source")))
+    cells = list(dict.fromkeys((r["pair"], r["task"]) for r in rows))
+    by = {(r["pair"], r["task"], r["method"]): r for r in rows}
+    lines = ["| pair | task | base loss | retrained loss | LoRA gain | " + " | ".join(methods) + " |",
+             "|---|---|---:|---:|---:|" + "---:|" * len(methods)]
+    for pair, task in cells:
+        base, ret = by.get((pair, task, "base")), by.get((pair, task, "retrained"))
+        gain = base["loss"] - ret["loss"] if base and ret else None
+        flag = " ⚠ small gain" if gain is not None and gain < 0.05 else ""
+        vals = []
+        for m in methods:
+            r = by.get((pair, task, m))
+            vals.append(f"{_fmt(r['ratio'])} / {_fmt(r['gap_recovered'])}" if r else "")
+        lines.append(f"| {pair} | {task} | {_fmt(base and base['loss'])} | {_fmt(ret and ret['loss'])} | "
+                     f"{_fmt(gain)}{flag} | " + " | ".join(vals) + " |")
+    means = defaultdict(list)
+    for r in rows:
+        if r["method"] in methods and r["gap_recovered"] is not None:
+            means[r["method"]].append((r["ratio"], r["gap_recovered"]))
+    lines.append("| **mean** | | | | | " + " | ".join(
+        f"{_fmt(sum(a for a, _ in means[m]) / len(means[m]))} / {_fmt(sum(b for _, b in means[m]) / len(means[m]))}"
+        if means[m] else "" for m in methods) + " |")
+    return "Cells: ratio / gap recovered (loss-based; see docs/results.md).\n\n" + "\n".join(lines) + "\n"
+
+
+def plot_gap(table: dict, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [r for r in table["rows"] if r["method"] not in ("base", "retrained", "source")]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cells = list(dict.fromkeys(f"{r['pair']}\n{r['task']}" for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cells)), 4))
+    w = 0.8 / max(1, len(methods))
+    for i, m in enumerate(methods):
+        vals = {f"{r['pair']}\n{r['task']}": r["gap_recovered"] for r in rows if r["method"] == m}
+        ys = [max(-1.0, min(1.5, vals.get(c, float("nan")))) for c in cells]
+        ax.bar([x + i * w for x in range(len(cells))], ys, w, label=m)
+    ax.axhline(0.9, color="k", ls="--", lw=0.8)
+    ax.axhline(0.0, color="k", lw=0.5)
+    ax.set_xticks([x + 0.4 - w / 2 for x in range(len(cells))], cells, fontsize=8)
+    ax.set_ylabel("gap recovered (clipped to [-1, 1.5])")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(table: dict, out: Path) -> None:
+    (Path(out) / "results.md").write_text(markdown_table(table))
+    plot_gap(table, Path(out) / "gap_recovered.png")

@@ -1,0 +1,160 @@
+"""`castlora bench`: the retention table (CAST.md, "How a transfer is judged") on the zoo models.
+
+For every (pair, task): the source LoRA and the retrained reference are trained once with the task
+data and cached; every transfer method sees only general text (and text it generates itself from
+the source model); everything is scored on the task's held-out test split.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..demo import shared_dir
+from ..evaluate import retention, text_loss
+from ..corpus import read_documents
+
+# method -> translate() options. Every CAST row has its imitation control trained on the same corpus.
+METHODS: dict[str, dict] = {
+    "cast0": {"steps": 0},
+    "random_heads": {"steps": 0, "init": "random"},
+    "weight_space": {"transfer": "weight-space"},
+    "cast_source": {"teacher": "source"},
+    "cast_delta": {"teacher": "delta"},
+    "imitation": {"teacher": "source_base"},
+    "cast_source_gen": {"teacher": "source", "generate": -1},
+    "cast_delta_gen": {"teacher": "delta", "generate": -1},
+    "imitation_gen": {"teacher": "source_base", "generate": -1},
+}
+PAIRS = ("llama->llama", "llama->mistral", "llama->neox", "mistral->llama", "neox->llama")
+TASKS = ("shakespeare", "kjv")
+
+
+@dataclass
+class BenchConfig:
+    out: str = "runs/bench"
+    shared: str | None = None
+    pairs: list = field(default_factory=lambda: list(PAIRS))
+    tasks: list = field(default_factory=lambda: list(TASKS))
+    methods: list = field(default_factory=lambda: list(METHODS))
+    lora_steps: int = 150
+    lora_rank: int = 8
+    lora_targets: list = field(default_factory=lambda: ["q", "v"])
+    cast_steps: int = 150
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 2e-3
+    generate: int = 400
+    eval_tokens: int = 30000
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, **kw) -> "BenchConfig":
+        base = dict(pairs=["llama->llama", "llama->mistral"], tasks=["shakespeare"],
+                    methods=["cast0", "random_heads", "weight_space", "cast_source", "imitation"],
+                    lora_steps=30, cast_steps=20, batch_size=4, eval_tokens=4000)
+        return cls(**{**base, **kw})
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def bench(cfg: BenchConfig, log=print) -> dict:
+    from peft import PeftModel
+
+    from ..models import load_model, load_tokenizer
+    from ..train_lora import train_lora
+    from ..translate import translate
+
+    root = shared_dir(cfg.shared)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    general = str(root / "data" / "general" / "train.txt.gz")
+    t_start = time.perf_counter()
+    rows: list[dict] = []
+    results_file = out / "results.json"
+
+    def zoo(name: str) -> str:
+        return str(root / "zoo" / name)
+
+    def lora(model: str, task: str) -> str:
+        path = out / "loras" / f"{model}_{task}"
+        if not (path / "adapter_model.safetensors").exists():
+            train_lora(zoo(model), str(root / "data" / "domains" / task / "train.txt.gz"), str(path),
+                       steps=cfg.lora_steps, rank=cfg.lora_rank, alpha=2 * cfg.lora_rank, targets=cfg.lora_targets,
+                       lr=cfg.lr, batch_size=8, seq_len=cfg.seq_len, seed=cfg.seed, device=cfg.device,
+                       dtype=cfg.dtype, overwrite=True, progress=False, log=log)
+        return str(path)
+
+    def score(model: str, adapter: str | None, task: str) -> float:
+        m = load_model(zoo(model), cfg.dtype, cfg.device)
+        if adapter:
+            m = PeftModel.from_pretrained(m, adapter).eval()
+        docs = read_documents(root / "data" / "domains" / task / "test.txt.gz")
+        return text_loss(m, load_tokenizer(zoo(model)), docs, seq_len=256, max_tokens=cfg.eval_tokens)["mean_loss"]
+
+    def save():
+        table = {"rows": rows, "config": asdict(cfg), "commit": _commit(),
+                 "hardware": {"device": cfg.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                              "platform": platform.platform(), "processor": platform.processor()},
+                 "wall_seconds": round(time.perf_counter() - t_start, 1)}
+        results_file.write_text(json.dumps(table, indent=1))
+        return table
+
+    for task in cfg.tasks:
+        for pair in cfg.pairs:
+            src, tgt = pair.split("->")
+            src_lora, ref_lora = lora(src, task), lora(tgt, task)
+            base, retrained = score(tgt, None, task), score(tgt, ref_lora, task)
+
+            def row(method, loss, extra=None):
+                r = {"pair": pair, "task": task, "method": method, "score": float(torch.tensor(-loss).exp()),
+                     "loss": loss, **retention(base, retrained, loss), **(extra or {})}
+                rows.append(r)
+                log(f"{pair:16s} {task:12s} {method:16s} loss {loss:.4f}  ratio {r['ratio']:.3f}  "
+                    f"gap {r['gap_recovered']:.3f}")
+                save()
+
+            row("base", base)
+            row("retrained", retrained, {"lora_gain": base - retrained})
+            src_loss = score(src, src_lora, task)
+            rows.append({"pair": pair, "task": task, "method": "source", "score": float(torch.tensor(-src_loss).exp()),
+                         "loss": src_loss, "ratio": None, "gap_recovered": None,
+                         "note": "source model with its LoRA, in the source tokenizer's units (not comparable)"})
+            for method in cfg.methods:
+                opts = dict(METHODS[method])
+                if opts.get("generate") == -1:
+                    opts["generate"] = cfg.generate
+                port = out / "ports" / f"{pair.replace('->', '_to_')}_{task}_{method}"
+                t0 = time.perf_counter()
+                res = translate(source=zoo(src), adapter=src_lora, target=zoo(tgt), corpus=[general], out=str(port),
+                                **{"steps": cfg.cast_steps, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
+                                   "device": cfg.device, "dtype": cfg.dtype, "seed": cfg.seed, **opts},
+                                overwrite=True, progress=False, log=lambda *_: None)
+                rec = res.record
+                curve = rec["loss_curve"]
+                row(method, score(tgt, str(port), task), {
+                    "seconds": round(time.perf_counter() - t0, 1), "train_seconds": rec["train_seconds"],
+                    "steps": rec["config"]["steps"], "tokens_seen": rec["corpus_tokens_seen"],
+                    "aligned_fraction": rec["alignment"]["calibration_aligned_fraction"],
+                    "shared_vocab": rec["alignment"]["shared_vocab"],
+                    "kl_first": curve[0]["kl"] if curve else None, "kl_last": curve[-1]["kl"] if curve else None,
+                    "generated_texts": rec.get("generated_texts", 0), "options": opts})
+    table = save()
+    from .report import write_report
+    write_report(table, out)
+    log(f"wrote {results_file}, {out / 'results.md'}, {out / 'gap_recovered.png'}")
+    return table

@@ -1,0 +1,168 @@
+"""The command line: help lists the subcommands, `inspect` prints one line per kernel, `translate`
+fails early and clearly on a missing adapter, and YAML configs are overridden by flags."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import make_tiny, read_docs, shared_path
+from peft import LoraConfig, get_peft_model
+
+from castlora import __version__
+from castlora.cli import main
+
+translate_mod = importlib.import_module("castlora.translate")  # `castlora.translate` is the function
+SUBCOMMANDS = ("inspect", "translate", "train-lora", "eval", "demo")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model_dir = root / "llama"
+    model = make_tiny("llama", 0, vocab_size=32000, max_position_embeddings=128)
+    model.save_pretrained(str(model_dir), safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(shared_path("zoo", "llama") / name, model_dir / name)
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                          init_lora_weights=False))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    pm.peft_config["default"].base_model_name_or_path = str(model_dir)
+    pm.save_pretrained(str(root / "adapter"))
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n\n".join(read_docs("data", "general", "valid.txt.gz", n=60)), encoding="utf-8")
+    return dict(root=root, model=model_dir, adapter=root / "adapter", corpus=corpus)
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as ei:
+        main(["--help"])
+    assert ei.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in SUBCOMMANDS:
+        assert cmd in out
+    with pytest.raises(SystemExit) as ei:
+        main(["translate", "--help"])
+    assert ei.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--config", "--source", "--adapter", "--target", "--corpus", "--steps", "--teacher",
+                 "--resume", "--overwrite", "--allow-pickle"):
+        assert flag in out
+    with pytest.raises(SystemExit) as ei:
+        main(["--version"])
+    assert __version__ in capsys.readouterr().out
+
+
+def test_help_as_a_program():
+    r = subprocess.run([sys.executable, "-m", "castlora.cli", "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert all(cmd in r.stdout for cmd in SUBCOMMANDS)
+
+
+def test_no_subcommand_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as ei:
+        main([])
+    assert ei.value.code == 2 and "required" in capsys.readouterr().err
+
+
+def test_inspect_prints_one_line_per_kernel(setup, capsys):
+    rc = main(["inspect", str(setup["adapter"]), "--model", str(setup["model"])])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "family llama" in out and "2 modules" not in out and "4 modules, 4 kernels" in out
+    rows = [l.split() for l in out.splitlines() if re.match(r"^\s+\d+ \w+\s+\d+ ", l)]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("0", "q", "4"), ("0", "v", "4"), ("1", "q", "4"), ("1", "v", "4")]
+    assert rows[0][-1] == "model.layers.0.self_attn.q_proj"
+    assert all(float(r[-2]) > 0 for r in rows)  # |s*B@A| is nonzero
+    # without --model: the base model recorded in adapter_config.json
+    assert main(["inspect", str(setup["adapter"])]) == 0
+    assert "4 modules, 4 kernels" in capsys.readouterr().out
+
+
+def test_inspect_wrong_model_is_a_clean_error(setup, tmp_path, capsys):
+    other = tmp_path / "neox"
+    make_tiny("gpt_neox", 0).save_pretrained(str(other), safe_serialization=True)
+    rc = main(["inspect", str(setup["adapter"]), "--model", str(other)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "castlora: error:" in err and "Traceback" not in err
+    assert "q_proj" in err
+
+
+def test_translate_missing_adapter_exits_2_before_loading(setup, tmp_path, monkeypatch, capsys):
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(translate_mod, "load_model", no_load)
+    missing = tmp_path / "no_such_adapter"
+    rc = main(["translate", "--source", str(setup["model"]), "--target", str(setup["model"]),
+               "--adapter", str(missing), "--corpus", str(setup["corpus"]), "--out", str(tmp_path / "out")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "does not exist" in err
+    assert not (tmp_path / "out").exists()
+    # a required option left out names the option
+    rc = main(["translate", "--source", str(setup["model"]), "--target", str(setup["model"]),
+               "--corpus", str(setup["corpus"]), "--out", str(tmp_path / "out")])
+    assert rc == 2 and "--adapter" in capsys.readouterr().err
+
+
+def test_yaml_config_overridden_by_flags(setup, tmp_path, monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(translate_mod, "translate", lambda config=None, **kw: seen.append(config))
+    cfg_file = tmp_path / "x.yaml"
+    cfg_file.write_text(yaml.safe_dump({"steps": 0, "lr": 0.01, "teacher": "delta", "progress": True,
+                                        "corpus": [str(setup["corpus"])]}))
+    assert main(["translate", "--config", str(cfg_file), "--steps", "7", "--no-progress"]) == 0
+    cfg = seen[-1]
+    assert cfg.steps == 7 and cfg.progress is False  # flags win
+    assert cfg.lr == 0.01 and cfg.teacher == "delta" and cfg.corpus == [str(setup["corpus"])]  # YAML kept
+    assert cfg.batch_size == 8  # default where neither says
+    assert main(["translate", "--config", str(cfg_file)]) == 0
+    assert seen[-1].steps == 0 and seen[-1].progress is True
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stepz: 3\n")
+    assert main(["translate", "--config", str(bad)]) == 2
+    assert "stepz" in capsys.readouterr().err
+    bad.write_text("teacher: bogus\n")
+    assert main(["translate", "--config", str(bad)]) == 2
+    assert "--teacher" in capsys.readouterr().err
+    assert main(["translate", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+
+
+def test_translate_runs_from_yaml_with_flag_override(setup, tmp_path):
+    """A real (CAST-0) run: YAML gives everything with steps: 0, flags change seq-len and out."""
+    out = tmp_path / "ported"
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "source": str(setup["model"]), "target": str(setup["model"]), "adapter": str(setup["adapter"]),
+        "corpus": [str(setup["corpus"])], "out": str(tmp_path / "yaml_out"), "steps": 0,
+        "batch_size": 2, "seq_len": 64, "calib_batches": 1, "progress": False}))
+    assert main(["translate", "--config", str(cfg_file), "--seq-len", "32", "--out", str(out)]) == 0
+    rec = json.loads((out / "castlora.json").read_text())
+    assert rec["config"]["steps"] == 0 and rec["config"]["seq_len"] == 32 and rec["config"]["out"] == str(out)
+    assert rec["loss_curve"] == []
+    assert (out / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "yaml_out").exists()

@@ -1,0 +1,385 @@
+"""The port end to end: runtime CAST wrapper == source LoRA (identity heads, same model) == exported
+PEFT adapter; wrapper == exported adapter on other targets; `castlora.translate` on model folders
+(KL falls, the folder loads in plain peft, CAST-0, delta teacher, resume, overwrite)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny, read_docs, shared_path
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+import castlora
+from castlora.adapters import load_adapter
+from castlora.cast_module import PortedKernel, attached
+from castlora.closed_form import closed_form_init, gather_aligned, random_init
+from castlora.errors import CastloraError
+from castlora.export import export_peft, module_factors
+from castlora.families import model_sites
+from castlora.losses import kl_divergence, shared_log_probs
+from castlora.models import load_model, load_tokenizer
+from castlora.site_map import map_sites, proportional_layer_map
+from castlora.tokens import encode_pair, shared_vocab
+from castlora.train import teacher_log_probs
+
+# `castlora.translate` is the function (re-exported by the package); the module is this:
+translate_mod = importlib.import_module("castlora.translate")
+QUIET = dict(progress=False, log=lambda *a, **k: None)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matmuls on a shared 2-core machine: one intra-op thread is many times faster than two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _randomize_b(peft_model, seed=0, std=0.3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def _make_lora(model, targets, seed=0, std=0.3, **kw):
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                          init_lora_weights=False, **kw))
+    _randomize_b(pm, seed, std)
+    return pm.eval()
+
+
+def _ids(vocab, batch=2, seq=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, seq), generator=g)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _ports(kernels, t_sites, layer_map):
+    pairs, dropped = map_sites(kernels, t_sites, layer_map)
+    assert not dropped
+    return [(PortedKernel(p.kernel, p.target), p.target) for p in pairs]
+
+
+def _assert_keys_match_file(peft_model, folder):
+    """The exported file holds exactly the keys peft expects for this target: none missing or extra."""
+    file_keys = set(load_file(str(Path(folder) / "adapter_model.safetensors")))
+    model_keys = set(get_peft_model_state_dict(peft_model))
+    assert file_keys == model_keys
+    assert file_keys and all("lora_A" in k or "lora_B" in k for k in file_keys)
+
+
+# --------------------------------------------------- a. same model, identity heads
+
+
+SAME_MODEL_CASES = {
+    "llama": dict(targets=["q_proj", "v_proj"], kw={}),
+    "gpt_neox": dict(targets=["query_key_value"], kw={}),
+    "gpt2": dict(targets=["c_attn"], kw={"fan_in_fan_out": True}),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(SAME_MODEL_CASES))
+def test_identity_heads_reproduce_source_lora_and_export(model_type, tmp_path):
+    case = SAME_MODEL_CASES[model_type]
+    src = _make_lora(make_tiny(model_type, 0), case["targets"], **case["kw"])
+    src.save_pretrained(str(tmp_path / "src_adapter"))
+    ids = _ids(128)
+    want = _logits(src, ids)
+
+    target = make_tiny(model_type, 0)
+    base_logits = _logits(target, ids)
+    assert (want - base_logits).abs().max() > 1e-2  # the LoRA does change the output
+
+    t_sites = model_sites(target)
+    lora = load_adapter(tmp_path / "src_adapter", model_sites(src))
+    ports = _ports(lora.kernels, t_sites, list(range(t_sites.num_layers)))
+    for port, _ in ports:
+        port.set_identity()
+    with attached(target, ports):
+        got = _logits(target, ids)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # detached again: the original modules are back
+    torch.testing.assert_close(_logits(target, ids), base_logits)
+
+    factors, errors = module_factors(ports)
+    assert all(e == 0.0 for e in errors.values())
+    out = tmp_path / "exported"
+    export_peft(make_tiny(model_type, 0), factors, out, t_sites.family.transposed)
+    loaded = PeftModel.from_pretrained(make_tiny(model_type, 0), str(out)).eval()
+    torch.testing.assert_close(_logits(loaded, ids), want, rtol=1e-4, atol=1e-4)
+    _assert_keys_match_file(loaded, out)
+
+
+# --------------------------------------------------- b./c. other target, random heads
+
+
+@pytest.mark.parametrize("target_type", ["mistral", "gpt_neox"])
+def test_runtime_wrapper_equals_exported_adapter(target_type, tmp_path):
+    src = _make_lora(make_tiny("llama", 0), ["q_proj", "v_proj"])
+    src.save_pretrained(str(tmp_path / "src_adapter"))
+    lora = load_adapter(tmp_path / "src_adapter", model_sites(src))
+    target = make_tiny(target_type, 1)
+    t_sites = model_sites(target)
+    ports = _ports(lora.kernels, t_sites, proportional_layer_map(2, t_sites.num_layers))
+    random_init(ports, seed=3)
+    ids = _ids(128, seed=1)
+    base = _logits(target, ids)
+    with attached(target, ports):
+        want = _logits(target, ids)
+    assert (want - base).abs().max() > 1e-2
+
+    factors, _ = module_factors(ports)
+    if target_type == "gpt_neox":  # q and v both land in query_key_value: one module, rank 4 + 4
+        assert sorted(factors) == [f"gpt_neox.layers.{i}.attention.query_key_value" for i in range(2)]
+        assert all(A.shape[0] == 8 for A, _ in factors.values())
+    out = tmp_path / "exported"
+    name = tmp_path / "target_folder"  # a local name: peft looks up its config.json when saving
+    target.config.save_pretrained(str(name))
+    returned = export_peft(make_tiny(target_type, 1), factors, out, t_sites.family.transposed,
+                           base_model_name=str(name))
+    assert not isinstance(returned, PeftModel)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(name)
+
+    loaded = PeftModel.from_pretrained(make_tiny(target_type, 1), str(out)).eval()
+    torch.testing.assert_close(_logits(loaded, ids), want, rtol=1e-4, atol=1e-4)
+    _assert_keys_match_file(loaded, out)
+
+    # c. loading the state dict by hand reports nothing unexpected and no LoRA key missing
+    fresh = get_peft_model(make_tiny(target_type, 1),
+                           LoraConfig.from_pretrained(str(out)))
+    res = set_peft_model_state_dict(fresh, load_file(str(out / "adapter_model.safetensors")))
+    assert list(res.unexpected_keys) == []
+    assert [k for k in res.missing_keys if "lora_" in k] == []
+    torch.testing.assert_close(_logits(fresh.eval(), ids), want, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------- model folders for translate()
+
+
+def _model_folder(folder: Path, model_type: str, vocab: int, tokenizer_from: Path, seed: int) -> Path:
+    model = make_tiny(model_type, seed, vocab_size=vocab, max_position_embeddings=128)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_from / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("translate")
+    llama = _model_folder(root / "llama", "llama", 32000, shared_path("zoo", "llama"), 0)
+    neox = _model_folder(root / "neox", "gpt_neox", 50304, shared_path("zoo", "neox"), 1)
+    src = load_model(str(llama))
+    pm = _make_lora(src, ["q_proj", "v_proj"], seed=0, std=0.5)
+    pm.peft_config["default"].base_model_name_or_path = str(llama)
+    pm.save_pretrained(str(root / "adapter"))
+    zero = get_peft_model(load_model(str(llama)), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    zero.save_pretrained(str(root / "zero_adapter"))  # default init: lora_B == 0
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n\n".join(read_docs("data", "general", "valid.txt.gz", n=200)), encoding="utf-8")
+    return dict(root=root, llama=llama, neox=neox, adapter=root / "adapter", zero=root / "zero_adapter",
+                corpus=corpus)
+
+
+def _run(folders, out, **kw):
+    # Cheap settings: the real tokenizers' 32000 / 50304-way logits dominate each step on CPU.
+    opts = dict(steps=0, batch_size=2, seq_len=32, calib_batches=1, **QUIET)
+    opts.update(kw)
+    return castlora.translate(source=str(folders["llama"]), adapter=str(folders["adapter"]),
+                              target=str(folders["neox"]), corpus=[str(folders["corpus"])], out=str(out), **opts)
+
+
+# --------------------------------------------------- d. end to end
+
+
+def test_translate_end_to_end_llama_to_neox(folders, tmp_path):
+    parent = tmp_path / "runs"
+    out = parent / "port"
+    # lr 3e-2: on these random tiny models the KL moves less than its batch-to-batch noise (~0.003)
+    # in 25 steps at 5e-3; at 3e-2 it falls by ~0.02.
+    res = _run(folders, out, steps=25, batch_size=4, seq_len=64, lr=3e-2, calib_batches=2)
+    assert res.out == out
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "heads.safetensors", "castlora.json"} <= names
+    assert [p.name for p in parent.iterdir()] == ["port"]  # no temporary or work folder left beside it
+
+    rec = json.loads((out / "castlora.json").read_text())
+    for key in ("site_map", "config", "loss_curve", "corpus_tokens_seen", "wall_seconds", "castlora_version"):
+        assert key in rec
+    assert rec["castlora_version"] == castlora.__version__
+    assert rec["config"]["steps"] == 25 and rec["config"]["teacher"] == "source"
+    assert [s["source"] for s in rec["site_map"]] == ["0.q", "0.v", "1.q", "1.v"]
+    assert all(s["target_module"].endswith("attention.query_key_value") for s in rec["site_map"])
+    assert rec["corpus_tokens_seen"] > 25 * 4 * 16
+    assert rec["wall_seconds"] > 0
+    curve = [r["kl"] for r in rec["loss_curve"]]
+    assert len(curve) == 25 and all(k >= 0 for k in curve)
+    first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
+    assert last < first, curve
+
+    target = load_model(str(folders["neox"]))
+    ids = _ids(50304, seed=2)
+    base = _logits(target, ids)
+    loaded = PeftModel.from_pretrained(target, str(out)).eval()
+    ported = _logits(loaded, ids)
+    assert torch.isfinite(ported).all()
+    assert (ported - base).abs().max() > 1e-4
+    _assert_keys_match_file(loaded, out)
+    heads = load_file(str(out / "heads.safetensors"))
+    assert any(k.startswith("0.q->0.q.") for k in heads)
+
+
+def test_translate_cast0_and_delta_teacher(folders, tmp_path):
+    out0 = tmp_path / "cast0"
+    res = _run(folders, out0, steps=0)
+    rec = res.record
+    assert rec["loss_curve"] == [] and rec["corpus_tokens_seen"] == 0
+    assert rec["init"]["calibration_positions"] > 0
+    loaded = PeftModel.from_pretrained(load_model(str(folders["neox"])), str(out0))
+    _assert_keys_match_file(loaded, out0)
+
+    outd = tmp_path / "delta"
+    res = _run(folders, outd, steps=2, teacher="delta", beta=0.0)
+    curve = res.record["loss_curve"]
+    assert res.record["config"]["teacher"] == "delta"
+    assert len(curve) == 2 and all(r["kl"] >= 0 and r["mse"] == 0.0 for r in curve)
+    assert (outd / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cast0", "delta"]
+
+
+# --------------------------------------------------- e. delta teacher with a zero LoRA
+
+
+def test_delta_teacher_zero_lora_is_target_distribution(folders):
+    tok_s, tok_t = load_tokenizer(str(folders["llama"])), load_tokenizer(str(folders["neox"]))
+    vocab = shared_vocab(tok_s, tok_t)
+    texts = read_docs("data", "general", "valid.txt.gz", n=3)
+    batch = encode_pair([t[:400] for t in texts], tok_s, tok_t, 48, 72)
+    assert batch.num_aligned > 20
+    tgt = load_model(str(folders["neox"]))
+    t_sites = model_sites(tgt)
+
+    def kl_at_init(adapter):
+        src_base = load_model(str(folders["llama"]))
+        lora = load_adapter(adapter, model_sites(src_base))
+        source = PeftModel.from_pretrained(src_base, str(adapter)).eval()
+        inner = source.base_model.model
+        ports = _ports(lora.kernels, t_sites, proportional_layer_map(2, t_sites.num_layers))
+        paths = [p.source_module for p, _ in ports]
+        closed_form_init(ports, inner, tgt, paths, [batch])
+        with attached(tgt, ports) as wrappers, torch.no_grad():
+            lp_teacher, _ = teacher_log_probs(source, inner, tgt, wrappers, batch, vocab, "delta", 1.0, paths)
+            logits = tgt(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
+            lp_student = shared_log_probs(gather_aligned(logits, batch.pos_t, batch.pos_mask), vocab.ids_t, 1.0)
+        with torch.no_grad():  # the target's own distribution
+            own = tgt(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
+        lp_own = shared_log_probs(gather_aligned(own, batch.pos_t, batch.pos_mask), vocab.ids_t, 1.0)
+        return lp_teacher, lp_student, lp_own
+
+    teacher, student, own = kl_at_init(folders["zero"])
+    torch.testing.assert_close(teacher, own, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(student, own, rtol=1e-4, atol=1e-4)
+    assert kl_divergence(teacher, student).item() < 1e-5
+    # control: a nonzero LoRA tilts the teacher away from the target's own distribution
+    teacher, student, own = kl_at_init(folders["adapter"])
+    assert kl_divergence(teacher, own).item() > 1e-4
+
+
+# --------------------------------------------------- f. resume
+
+
+RESUME = dict(steps=6, checkpoint_every=3, lr=1e-2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(folders, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "full"
+    return out, _run(folders, out, **RESUME)
+
+
+class SimulatedCrash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("interrupt, ckpt_step", [
+    (SimulatedCrash, 3),  # a crash: only the periodic checkpoint (step 3) is there
+    (KeyboardInterrupt, (3, 4)),  # Ctrl-C: the periodic one, or one saved at the interrupt (step 4)
+])
+def test_resume_after_interrupt_matches_uninterrupted(folders, uninterrupted, tmp_path, monkeypatch,
+                                                      interrupt, ckpt_step):
+    full_out, full = uninterrupted
+    calls = {"n": 0}
+    real = translate_mod.encode_pair
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 1 + 5:  # 1 calibration batch, then steps 0..3 run; stop at the batch of step 4
+            raise interrupt("simulated")
+        return real(*a, **k)
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(translate_mod, "encode_pair", flaky)
+    with pytest.raises(interrupt):
+        _run(folders, out, **RESUME)
+    monkeypatch.setattr(translate_mod, "encode_pair", real)
+    assert not out.exists()
+    work = tmp_path / ".resumed.castlora-work"
+    state = json.loads((work / "checkpoint" / "state.json").read_text())
+    assert state["step"] in (ckpt_step if isinstance(ckpt_step, tuple) else (ckpt_step,))
+
+    resumed = _run(folders, out, resume=True, **RESUME)
+    assert not work.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resumed"]
+    for name in ("heads.safetensors", "adapter_model.safetensors"):
+        a, b = load_file(str(full_out / name)), load_file(str(out / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7)
+    assert [r["kl"] for r in resumed.record["loss_curve"]] == [r["kl"] for r in full.record["loss_curve"]]
+
+
+# --------------------------------------------------- g. existing output
+
+
+def test_existing_output_needs_overwrite(folders, tmp_path, monkeypatch):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the output check")
+
+    with monkeypatch.context() as m:
+        m.setattr(translate_mod, "load_model", no_load)
+        with pytest.raises(CastloraError, match="already exists"):
+            _run(folders, out, steps=0)
+    assert (out / "old.txt").read_text() == "old"
+    _run(folders, out, steps=0, overwrite=True)
+    assert not (out / "old.txt").exists()
+    assert (out / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]
+
+
+def test_failed_run_leaves_nothing_beside_out(folders, tmp_path):
+    """An adapter that does not fit the source fails cleanly, with no work or temporary folder left."""
+    from castlora.errors import AdapterMismatchError
+
+    parent = tmp_path / "runs"
+    with pytest.raises(AdapterMismatchError, match="no such adaptable module"):
+        castlora.translate(source=str(folders["neox"]), adapter=str(folders["adapter"]), target=str(folders["llama"]),
+                           corpus=[str(folders["corpus"])], out=str(parent / "out"), steps=2, **QUIET)
+    assert not parent.exists() or list(parent.iterdir()) == []
