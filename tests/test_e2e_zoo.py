@@ -24,7 +24,7 @@ def test_bench_quick_sanity_pair_and_finite(tmp_path):
     assert {r["method"] for r in rows} >= {"base", "retrained", "cast0", "cast_source", "imitation",
                                            "weight_space", "random_heads"}
     for r in rows:
-        assert math.isfinite(r["score"]) and math.isfinite(r["loss"])
+        assert math.isfinite(r["score"])
         if r["ratio"] is not None:
             assert math.isfinite(r["ratio"]) and math.isfinite(r["gap_recovered"])
     # the sanity pair: porting a LoRA onto its own base model must keep (nearly) all of it

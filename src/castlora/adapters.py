@@ -73,6 +73,8 @@ def read_adapter_folder(path: str | Path, allow_pickle: bool = False) -> tuple[d
         config = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CastloraError(f"{cfg_file} is not valid JSON: {e}") from e
+    except OSError as e:
+        raise CastloraError(f"{cfg_file} cannot be read: {e}") from e
     weights = path / SAFETENSORS_NAME
     if not weights.is_file():
         pickles = [p for p in PICKLE_NAMES if (path / p).is_file()]

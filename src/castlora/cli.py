@@ -11,6 +11,7 @@ from dataclasses import fields
 from . import __version__
 from .config import TranslateConfig, build, load_yaml
 from .errors import CastloraError
+from .safe_io import is_disk_full
 
 
 def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
@@ -166,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except CastloraError as e:
         print(f"castlora: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the environment, not castlora: a permission, a full disk, a vanished file
+        hint = " (disk full: free some space and run again)" if is_disk_full(e) else ""
+        print(f"castlora: error: {e}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("castlora: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)

@@ -20,13 +20,14 @@ from .heads import ridge
 
 def gather_aligned(x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Rows of x (B x L x d) at positions pos (B x P) where mask (B x P) is True -> (N x d)."""
-    rows = torch.arange(pos.shape[0], device=pos.device)[:, None].expand_as(pos)
+    pos, mask = pos.to(x.device), mask.to(x.device)  # sharded models: x may live on any device
+    rows = torch.arange(pos.shape[0], device=x.device)[:, None].expand_as(pos)
     return x[rows[mask], pos[mask]]  # advanced indexing: no (B, P, d) index tensor
 
 
 def _module_out(module, x: torch.Tensor, rows) -> torch.Tensor:
     base = getattr(module, "base_layer", module)  # a peft LoRA layer: its frozen base
-    y = base(x)
+    y = base(x.to(base.weight.dtype))
     return y if rows is None else y[..., rows.to(y.device)]
 
 
@@ -65,12 +66,13 @@ def closed_form_init(ports: list[tuple[PortedKernel, Site]], source_inner, targe
         with capture(target, inputs=tgt_paths) as ct:
             target(input_ids=batch.ids_t, attention_mask=batch.mask_t)
         for (port, site), spath, st in zip(ports, source_paths, stats):
-            x_s = gather_aligned(cs.inputs[spath], batch.pos_s, batch.pos_mask).float()
-            x_t = gather_aligned(ct.inputs[site.path], batch.pos_t, batch.pos_mask).float()
-            src_mod = source_inner.get_submodule(spath)
-            y_s = _module_out(src_mod, x_s, port.source_rows)
-            y_t = _module_out(target.get_submodule(site.path), x_t, site.rows)
-            st.update(x_t, x_s @ port.in_basis, y_s, y_t)
+            src_mod, tgt_mod = source_inner.get_submodule(spath), target.get_submodule(site.path)
+            x_s = gather_aligned(cs.inputs[spath], batch.pos_s, batch.pos_mask)
+            x_t = gather_aligned(ct.inputs[site.path], batch.pos_t, batch.pos_mask)
+            y_s = _module_out(src_mod, x_s, port.source_rows).float()
+            y_t = _module_out(tgt_mod, x_t, site.rows).float()
+            dev = port.in_basis.device  # statistics live with the port (the target module's device)
+            st.update(x_t.float().to(dev), x_s.float().to(dev) @ port.in_basis, y_s.to(dev), y_t.to(dev))
     for (port, site), st in zip(ports, stats):
         p_in = _solve(st.g_in, st.xz, lam)  # r x d_in_T
         p_out_full = _solve(st.g_out, st.yy, lam)  # d_out_T x d_out_S

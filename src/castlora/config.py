@@ -46,6 +46,7 @@ class TranslateConfig:
     device: str = opt("cpu", "torch device")
     dtype: str = opt("float32", "model dtype (float32 on CPU; bfloat16 on GPU)")
     seed: int = opt(0, "seed for data order, sampling and random heads")
+    max_epochs: float = opt(4.0, "error out when the training stream would repeat the corpus more than this many times")
     checkpoint_every: int = opt(100, "save a resumable checkpoint every N steps")
     resume: bool = opt(False, "continue from the last checkpoint of an interrupted run with the same --out")
     overwrite: bool = opt(False, "replace --out if it exists")

@@ -29,23 +29,54 @@ def is_local(name: str) -> bool:
 
 
 def check_model_path(name: str, allow_pickle: bool = False, what: str = "model") -> None:
-    """Fail before loading anything when a local model folder is missing or holds only pickles."""
+    """Fail before loading anything when a local model folder is missing, holds only pickles, or
+    has a weights file whose safetensors header is unreadable (truncated or corrupted)."""
     if not is_local(name):
         return  # a hub id: transformers resolves it (needs a network or a local cache)
     path = Path(name).expanduser()
-    if not path.is_dir():
+    if not path.exists():
         raise CastloraError(f"{what} folder {path} does not exist")
+    if not path.is_dir():
+        raise CastloraError(f"{what} path {path} is a file, not a Hugging Face model folder")
     if not (path / "config.json").is_file():
         raise CastloraError(f"{what} folder {path} has no config.json: not a Hugging Face model folder")
-    has_st = any(path.glob("*.safetensors"))
+    weights = sorted(path.glob("*.safetensors"))
     pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
-    if not has_st:
+    if not weights:
         if pickles and not allow_pickle:
             raise UnsafeFileError(
                 f"{what} folder {path} holds only pickle weights ({', '.join(pickles)}): loading them can "
                 "execute arbitrary code. Convert to safetensors or pass --allow-pickle if you trust them.")
         if not pickles:
             raise CastloraError(f"{what} folder {path} has no weights (*.safetensors)")
+    for f in weights:
+        check_safetensors_header(f, what)
+
+
+def check_safetensors_header(path: Path, what: str = "model") -> None:
+    """Read only the header of a safetensors file: it lists every tensor's byte range, so a
+    truncated or corrupted file is caught here without loading it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except OSError as e:
+        raise CastloraError(f"{what} weights file {path} cannot be read: {e}") from e
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...: all mean an unusable file
+        raise CastloraError(f"{what} weights file {path} is not a readable safetensors file (truncated or "
+                            f"corrupted?): {e}. Download or copy it again.") from e
+
+
+def local_model_type(name: str) -> str | None:
+    """The `model_type` in a local model folder's config.json (None for a hub id or no such field)."""
+    if not is_local(name):
+        return None
+    cfg = Path(name).expanduser() / "config.json"
+    try:
+        return json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError) as e:
+        raise CastloraError(f"{cfg} cannot be read as JSON: {e}") from e
 
 
 def load_model(name: str, dtype: str | torch.dtype = "float32", device: str = "cpu",
@@ -61,8 +92,9 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", device: str = "c
     try:
         model = AutoModelForCausalLM.from_pretrained(str(Path(name).expanduser()) if is_local(name) else name,
                                                      **kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CastloraError(f"cannot load model {name!r}: {str(e).splitlines()[0][:400]}") from e
+    except Exception as e:  # noqa: BLE001 - transformers/safetensors raise many types for a bad folder
+        raise CastloraError(f"cannot load model {name!r} ({type(e).__name__}): {_first_line(e)}"
+                            f"{_bad_weights_hint(name)}") from e
     if device_map is None:
         model.to(device)
     model.eval()
@@ -77,11 +109,28 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(str(Path(name).expanduser()) if is_local(name) else name,
                                             trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise CastloraError(f"cannot load the tokenizer of {name!r}: {str(e).splitlines()[0][:400]}") from e
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception for a corrupted tokenizer.json
+        raise CastloraError(f"cannot load the tokenizer of {name!r} ({type(e).__name__}): {_first_line(e)}") from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:400] if lines else repr(e)
+
+
+def _bad_weights_hint(name: str) -> str:
+    """Which local weights file is unreadable, when one is (the usual cause of a failed load)."""
+    if not is_local(name):
+        return ""
+    for f in sorted(Path(name).expanduser().glob("*.safetensors")):
+        try:
+            check_safetensors_header(f)
+        except CastloraError:
+            return f"; weights file {f} is truncated or corrupted: download or copy it again"
+    return ""
 
 
 def model_name(model) -> str:

@@ -9,7 +9,9 @@ one is expected.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -35,33 +37,72 @@ def load_tensors(path: str | Path, allow_pickle: bool = False) -> dict[str, torc
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure is the user's file
-            raise CastloraError(f"{path}: cannot be read as a weights-only pickle: {e}") from e
+            text = str(e)
+            # torch's message is a page of advice (ending in "load it with weights_only=False", i.e.
+            # run its code); keep only the reason, e.g. "Unsupported global: GLOBAL getattr ...".
+            m = re.search(r"WeightsUnpickler error:\s*(.+?)(?: Please use|\n|$)", text)
+            reason = m[1].strip() if m else (text.strip().splitlines() or [repr(e)])[0][:300]
+            raise CastloraError(
+                f"{path}: cannot be read as a weights-only pickle ({reason}). castlora loads pickles "
+                "weights-only and never runs code from them: convert it to safetensors where you trust it.") from e
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CastloraError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from e
 
 
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+# How a full disk reads when a library wraps the OSError in its own exception (safetensors does).
+_DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122",
+                   "storagefull", "quotaexceeded")
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """True when `e` (or an exception it was raised from) says the disk or the quota is full."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(t in str(e).lower() for t in _DISK_FULL_TEXT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 @contextmanager
 def atomic_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success rename it to `out`.
 
-    On any exception the temporary folder is removed and `out` is left as it was.
+    On any exception the temporary folder is removed and `out` is left as it was; a full disk
+    becomes a CastloraError that says so.
     """
     out = Path(out)
     if out.exists() and not overwrite:
         raise CastloraError(f"output folder {out} already exists: choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    existed = out.exists()
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         yield tmp
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)  # put the previous output back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            raise CastloraError(
+                f"disk full while writing {out}: {e}. Nothing was written to {out} "
+                f"({'it was left as it was' if existed else 'the partial output was removed'}); "
+                "free some space or choose an --out on another disk, and run again") from e
         raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +23,10 @@ from tqdm.auto import tqdm
 from .capture import capture
 from .cast_module import CastLinear, PortedKernel, deltas_off
 from .closed_form import gather_aligned
-from .errors import TrainingDiverged
+from .errors import CastloraError, TrainingDiverged
 from .families import Site
 from .losses import delta_teacher, kl_divergence, relative_mse, shared_log_probs
+from .safe_io import is_disk_full
 from .tokens import PairBatch, SharedVocab
 
 TEACHERS = ("source", "delta", "source_base")
@@ -84,7 +86,7 @@ def teacher_log_probs(source, source_inner, target, wrappers, batch: PairBatch, 
             t_logits = target(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
         lp_t = shared_log_probs(gather_aligned(t_logits, batch.pos_t, batch.pos_mask),
                                 vocab.ids_t.to(t_logits.device), tau)
-        return delta_teacher(lp_t, lp_lora, lp_base), inputs
+        return delta_teacher(lp_t, lp_lora.to(lp_t.device), lp_base.to(lp_t.device)), inputs
 
 
 def cast_loss(source, source_inner, target, wrappers, ports: list[tuple[PortedKernel, Site]], batch: PairBatch,
@@ -95,38 +97,52 @@ def cast_loss(source, source_inner, target, wrappers, ports: list[tuple[PortedKe
     logits = target(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
     lp_student = shared_log_probs(gather_aligned(logits, batch.pos_t, batch.pos_mask),
                                   vocab.ids_t.to(logits.device), cfg.temperature)
-    kl = kl_divergence(lp_teacher, lp_student, cfg.temperature)
+    kl = kl_divergence(lp_teacher.to(lp_student.device), lp_student, cfg.temperature)
     mse = torch.zeros((), device=logits.device)
     if cfg.beta > 0:
         for port, _ in ports:
             z_t = gather_aligned(port.last_z, batch.pos_t, batch.pos_mask)
-            z_s = gather_aligned(x_src[port.source_module], batch.pos_s, batch.pos_mask).float() @ port.in_basis
-            mse = mse + relative_mse(z_t, z_s) / len(ports)
+            x_s = gather_aligned(x_src[port.source_module], batch.pos_s, batch.pos_mask)
+            z_s = x_s.to(port.in_basis.device).float() @ port.in_basis
+            mse = mse + relative_mse(z_t, z_s).to(mse.device) / len(ports)
     return cfg.alpha * kl + cfg.beta * mse, kl, mse
 
 
 def save_checkpoint(folder: Path, ports: list[tuple[PortedKernel, Site]], opt, state: LoopState) -> None:
-    """heads + optimizer moments as safetensors, the rest as JSON; written then renamed."""
+    """heads + optimizer moments as safetensors, the rest as JSON; written to a sibling folder, then
+    swapped in by renames, so a kill at any moment leaves one complete checkpoint (`folder`, or
+    `folder`.old between the two renames; fit_heads resumes from either)."""
     tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file({f"{i}.{k}": v.detach().cpu().contiguous() for i, (p, _) in enumerate(ports)
-               for k, v in p.state_dict().items()}, str(tmp / "heads.safetensors"))
-    opt_state = opt.state_dict()
-    tensors, scalars = {}, {}
-    for idx, st in opt_state["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                scalars[f"{idx}.{k}"] = v
-    save_file(tensors or {"_empty": torch.zeros(1)}, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({
-        "step": state.step, "history": state.history, "tokens_seen": state.tokens_seen,
-        "seconds": state.seconds, "param_groups": opt_state["param_groups"], "scalars": scalars}))
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file({f"{i}.{k}": v.detach().cpu().contiguous() for i, (p, _) in enumerate(ports)
+                   for k, v in p.state_dict().items()}, str(tmp / "heads.safetensors"))
+        opt_state = opt.state_dict()
+        tensors, scalars = {}, {}
+        for idx, st in opt_state["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous()
+                else:
+                    scalars[f"{idx}.{k}"] = v
+        save_file(tensors or {"_empty": torch.zeros(1)}, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({
+            "step": state.step, "history": state.history, "tokens_seen": state.tokens_seen,
+            "seconds": state.seconds, "param_groups": opt_state["param_groups"], "scalars": scalars}))
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CastloraError(f"disk full while writing the checkpoint of step {state.step} to {folder}: {e}. "
+                            "The previous checkpoint (if any) is kept: free some space and rerun with "
+                            "--resume") from e
+    old = folder.with_name(folder.name + ".old")
     if folder.exists():
-        import shutil
-        shutil.rmtree(folder)
+        if old.exists():
+            shutil.rmtree(old)
+        folder.rename(old)
     tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(folder: Path, ports: list[tuple[PortedKernel, Site]], opt) -> LoopState:
@@ -159,8 +175,11 @@ def fit_heads(source, source_inner, target, wrappers: list[CastLinear], ports: l
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     ckpt = workdir / "checkpoint" if workdir else None
     state = LoopState()
-    if resume and ckpt and ckpt.exists():
-        state = load_checkpoint(ckpt, ports, opt)
+    if resume and ckpt:
+        for folder in (ckpt, ckpt.with_name(ckpt.name + ".old")):  # .old: killed between save's renames
+            if folder.exists():
+                state = load_checkpoint(folder, ports, opt)
+                break
     source_paths = [p.source_module for p, _ in ports]
     for port, _ in ports:
         port.record = cfg.beta > 0
@@ -175,10 +194,11 @@ def fit_heads(source, source_inner, target, wrappers: list[CastLinear], ports: l
                                       source_paths)
             for name, v in (("kl", kl), ("mse", mse)):
                 if not torch.isfinite(v):
-                    raise TrainingDiverged(
-                        f"the {name} loss became {v.item()} at step {state.step}; the heads were not updated. "
-                        f"The last good checkpoint is in {ckpt} (resume with --resume, perhaps with a lower "
-                        "--lr)" if ckpt else f"the {name} loss became {v.item()} at step {state.step}")
+                    where = (f"The last good checkpoint is in {ckpt}: rerun with --resume to continue from it "
+                             "(perhaps with a lower --lr)" if ckpt and ckpt.exists() else
+                             "No checkpoint was saved before it: rerun, perhaps with a lower --lr")
+                    raise TrainingDiverged(f"the {name} loss became {v.item()} at step {state.step}; the heads "
+                                           f"were not updated. {where}")
             for g in opt.param_groups:
                 g["lr"] = lr_at(state.step, cfg)
             opt.zero_grad(set_to_none=True)

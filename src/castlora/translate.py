@@ -7,6 +7,7 @@ check inputs -> load models -> kernels -> corpus (+ generated text) -> site map 
 from __future__ import annotations
 
 import json
+import math
 import platform
 import random
 import shutil
@@ -27,9 +28,9 @@ from .config import TranslateConfig, build, to_dict
 from .corpus import check_corpus_path, make_chunks, read_corpus
 from .errors import CastloraError, CorpusError
 from .export import export_peft, module_factors
-from .families import model_sites
+from .families import UnsupportedArchitectureError, family_for, model_sites
 from .generate import sample_texts
-from .models import check_model_path, load_model, load_tokenizer
+from .models import check_model_path, load_model, load_tokenizer, local_model_type
 from .safe_io import atomic_folder
 from .site_map import cka_layer_map, map_sites, proportional_layer_map
 from .tokens import encode_pair, shared_vocab
@@ -53,6 +54,13 @@ def check_inputs(cfg: TranslateConfig) -> None:
         raise CastloraError("--corpus is required: one or more general-text files (.txt, .txt.gz, .jsonl)")
     check_model_path(cfg.source, cfg.allow_pickle, "source model")
     check_model_path(cfg.target, cfg.allow_pickle, "target model")
+    for what in ("source", "target"):  # an unsupported architecture fails before loading any weights
+        model_type = local_model_type(getattr(cfg, what))
+        if model_type is not None:
+            try:
+                family_for(model_type)
+            except UnsupportedArchitectureError as e:
+                raise UnsupportedArchitectureError(f"{what} model {getattr(cfg, what)}: {e}") from None
     read_adapter_folder(cfg.adapter, cfg.allow_pickle)
     for c in cfg.corpus:
         check_corpus_path(str(c))
@@ -62,8 +70,8 @@ def check_inputs(cfg: TranslateConfig) -> None:
     if cfg.resume and out.exists() and not out.with_name(f".{out.name}.castlora-work").exists():
         raise CastloraError(f"{out} is complete and there is no interrupted run to resume; "
                             "pass --overwrite instead of --resume to redo it")
-    if cfg.steps < 0 or cfg.batch_size < 1 or cfg.seq_len < 8:
-        raise CastloraError("--steps must be >= 0, --batch-size >= 1 and --seq-len >= 8")
+    if cfg.steps < 0 or cfg.batch_size < 1 or cfg.seq_len < 8 or not cfg.max_epochs > 0:
+        raise CastloraError("--steps must be >= 0, --batch-size >= 1, --seq-len >= 8 and --max-epochs > 0")
 
 
 def _source_with_adapter(cfg: TranslateConfig, source):
@@ -117,6 +125,8 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
     out = Path(cfg.out)
     workdir = out.with_name(f".{out.name}.castlora-work")  # created when training starts (checkpoints)
 
+    docs = read_corpus(cfg.corpus)  # empty, unreadable or non-UTF-8 text fails before any model loads
+
     log(f"loading {cfg.source} and {cfg.target}")
     src_base = load_model(cfg.source, cfg.dtype, cfg.device, allow_pickle=cfg.allow_pickle,
                           trust_remote_code=cfg.trust_remote_code)
@@ -129,11 +139,19 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
     source = _source_with_adapter(cfg, src_base)
     source_inner = source.base_model.model
 
-    docs = read_corpus(cfg.corpus)
     n_needed = max(cfg.steps, 1) * cfg.batch_size
     texts, gen_info = _training_texts(cfg, docs, tok_s, source, n_needed, log)
     n_calib = min(len(texts), cfg.calib_batches * cfg.batch_size)
     calib_texts, train_texts = texts[:n_calib], texts[n_calib:] or texts
+    if cfg.steps > 0 and not cfg.generate and len(train_texts) * cfg.max_epochs < n_needed:
+        n_tok = sum(len(ids) for ids in tok_s(train_texts, add_special_tokens=False)["input_ids"])
+        raise CorpusError(
+            f"the corpus is too short for {cfg.steps} steps of batch {cfg.batch_size}: it yields "
+            f"{len(train_texts)} training chunks of up to {cfg.seq_len} source tokens ({n_tok} tokens; "
+            f"{n_calib} more chunks go to calibration), so the training stream of {n_needed} texts would repeat "
+            f"it {n_needed / len(train_texts):.1f} times, more than --max-epochs {cfg.max_epochs:g}. It needs at "
+            f"least {math.ceil(n_needed / cfg.max_epochs)} chunks: add text to --corpus, lower --steps or "
+            "--batch-size, or raise --max-epochs.")
     vocab = shared_vocab(tok_s, tok_t)
     max_len_t = int(cfg.seq_len * 1.5)  # the target tokenizer may need more tokens for the same text
 
@@ -149,7 +167,8 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
         f"shared vocabulary {vocab.size}")
     if frac < MIN_ALIGNED_FRACTION:
         raise CorpusError(f"only {frac:.1%} of source positions align with the target tokenizer "
-                          f"({n_aligned} of {n_src_tokens}); castlora needs at least {MIN_ALIGNED_FRACTION:.0%}")
+                          f"({n_aligned} of {n_src_tokens}); castlora needs at least {MIN_ALIGNED_FRACTION:.0%}. "
+                          "Use general text in a language and script both tokenizers cover")
     if vocab.size < 100:
         raise CorpusError(f"the two vocabularies share only {vocab.size} pieces: no usable KL signal")
     if len(train_texts) < cfg.batch_size:

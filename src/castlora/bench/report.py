@@ -11,22 +11,27 @@ def _fmt(v) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
+def _value(row: dict) -> float:
+    """The measured quantity: test loss for LM tasks, accuracy for exact-match tasks."""
+    return row["loss"] if "loss" in row else row["accuracy"]
+
+
 def markdown_table(table: dict) -> str:
     rows = table["rows"]
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] not in ("base", "retrained", "source")))
     cells = list(dict.fromkeys((r["pair"], r["task"]) for r in rows))
     by = {(r["pair"], r["task"], r["method"]): r for r in rows}
-    lines = ["| pair | task | base loss | retrained loss | LoRA gain | " + " | ".join(methods) + " |",
+    lines = ["| pair | task | base | retrained | LoRA gain | " + " | ".join(methods) + " |",
              "|---|---|---:|---:|---:|" + "---:|" * len(methods)]
     for pair, task in cells:
         base, ret = by.get((pair, task, "base")), by.get((pair, task, "retrained"))
-        gain = base["loss"] - ret["loss"] if base and ret else None
+        gain = abs(_value(base) - _value(ret)) if base and ret else None
         flag = " ⚠ small gain" if gain is not None and gain < 0.05 else ""
         vals = []
         for m in methods:
             r = by.get((pair, task, m))
             vals.append(f"{_fmt(r['ratio'])} / {_fmt(r['gap_recovered'])}" if r else "")
-        lines.append(f"| {pair} | {task} | {_fmt(base and base['loss'])} | {_fmt(ret and ret['loss'])} | "
+        lines.append(f"| {pair} | {task} | {_fmt(base and _value(base))} | {_fmt(ret and _value(ret))} | "
                      f"{_fmt(gain)}{flag} | " + " | ".join(vals) + " |")
     means = defaultdict(list)
     for r in rows:
@@ -35,7 +40,8 @@ def markdown_table(table: dict) -> str:
     lines.append("| **mean** | | | | | " + " | ".join(
         f"{_fmt(sum(a for a, _ in means[m]) / len(means[m]))} / {_fmt(sum(b for _, b in means[m]) / len(means[m]))}"
         if means[m] else "" for m in methods) + " |")
-    return "Cells: ratio / gap recovered (loss-based; see docs/results.md).\n\n" + "\n".join(lines) + "\n"
+    return ("Cells: ratio / gap recovered. base / retrained: test loss (shakespeare, kjv) or exact-match "
+            "accuracy (facts, greet); LoRA gain = |base - retrained|, flagged below 0.05.\n\n") + "\n".join(lines) + "\n"
 
 
 def plot_gap(table: dict, path: Path) -> None:

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from ..demo import shared_dir
-from ..evaluate import retention, text_loss
 from ..corpus import read_documents
+from ..evaluate import exact_match, load_examples, retention, text_loss
+from .tasks import get_task
 
 # method -> translate() options. Every CAST row has its imitation control trained on the same corpus.
 METHODS: dict[str, dict] = {
@@ -33,7 +34,7 @@ METHODS: dict[str, dict] = {
     "imitation_gen": {"teacher": "source_base", "generate": -1},
 }
 PAIRS = ("llama->llama", "llama->mistral", "llama->neox", "mistral->llama", "neox->llama")
-TASKS = ("shakespeare", "kjv")
+TASKS = ("shakespeare", "kjv", "facts", "greet")
 
 
 @dataclass
@@ -52,6 +53,7 @@ class BenchConfig:
     lr: float = 2e-3
     generate: int = 400
     eval_tokens: int = 30000
+    eval_examples: int = 100
     device: str = "cpu"
     dtype: str = "float32"
     seed: int = 0
@@ -93,18 +95,24 @@ def bench(cfg: BenchConfig, log=print) -> dict:
     def lora(model: str, task: str) -> str:
         path = out / "loras" / f"{model}_{task}"
         if not (path / "adapter_model.safetensors").exists():
-            train_lora(zoo(model), str(root / "data" / "domains" / task / "train.txt.gz"), str(path),
+            train_lora(zoo(model), str(tasks[task].train), str(path),
                        steps=cfg.lora_steps, rank=cfg.lora_rank, alpha=2 * cfg.lora_rank, targets=cfg.lora_targets,
                        lr=cfg.lr, batch_size=8, seq_len=cfg.seq_len, seed=cfg.seed, device=cfg.device,
                        dtype=cfg.dtype, overwrite=True, progress=False, log=log)
         return str(path)
 
+    tasks = {t: get_task(t, root, out / "tasks", cfg.seed) for t in cfg.tasks}
+
     def score(model: str, adapter: str | None, task: str) -> float:
+        """Test loss (lm tasks: lower is better) or exact-match accuracy (higher is better)."""
         m = load_model(zoo(model), cfg.dtype, cfg.device)
         if adapter:
             m = PeftModel.from_pretrained(m, adapter).eval()
-        docs = read_documents(root / "data" / "domains" / task / "test.txt.gz")
-        return text_loss(m, load_tokenizer(zoo(model)), docs, seq_len=256, max_tokens=cfg.eval_tokens)["mean_loss"]
+        tok = load_tokenizer(zoo(model))
+        if tasks[task].kind == "exact":
+            return exact_match(m, tok, load_examples(tasks[task].test)[:cfg.eval_examples])["accuracy"]
+        docs = read_documents(tasks[task].test)
+        return text_loss(m, tok, docs, seq_len=256, max_tokens=cfg.eval_tokens)["mean_loss"]
 
     def save():
         table = {"rows": rows, "config": asdict(cfg), "commit": _commit(),
@@ -120,20 +128,25 @@ def bench(cfg: BenchConfig, log=print) -> dict:
             src_lora, ref_lora = lora(src, task), lora(tgt, task)
             base, retrained = score(tgt, None, task), score(tgt, ref_lora, task)
 
-            def row(method, loss, extra=None):
-                r = {"pair": pair, "task": task, "method": method, "score": float(torch.tensor(-loss).exp()),
-                     "loss": loss, **retention(base, retrained, loss), **(extra or {})}
+            lm = tasks[task].kind == "lm"
+
+            def row(method, value, extra=None):
+                # lm: value is a loss, score exp(-loss); exact: value is the accuracy itself.
+                r = {"pair": pair, "task": task, "method": method,
+                     "score": float(torch.tensor(-value).exp()) if lm else value,
+                     **({"loss": value} if lm else {"accuracy": value}),
+                     **retention(base, retrained, value, lower_is_better=lm), **(extra or {})}
                 rows.append(r)
-                log(f"{pair:16s} {task:12s} {method:16s} loss {loss:.4f}  ratio {r['ratio']:.3f}  "
-                    f"gap {r['gap_recovered']:.3f}")
+                log(f"{pair:16s} {task:12s} {method:16s} {'loss' if lm else 'acc'} {value:.4f}  "
+                    f"ratio {r['ratio']:.3f}  gap {r['gap_recovered']:.3f}")
                 save()
 
             row("base", base)
-            row("retrained", retrained, {"lora_gain": base - retrained})
-            src_loss = score(src, src_lora, task)
-            rows.append({"pair": pair, "task": task, "method": "source", "score": float(torch.tensor(-src_loss).exp()),
-                         "loss": src_loss, "ratio": None, "gap_recovered": None,
-                         "note": "source model with its LoRA, in the source tokenizer's units (not comparable)"})
+            row("retrained", retrained, {"lora_gain": abs(base - retrained)})
+            src_value = score(src, src_lora, task)
+            rows.append({"pair": pair, "task": task, "method": "source", "ratio": None, "gap_recovered": None,
+                         "score": float(torch.tensor(-src_value).exp()) if lm else src_value,
+                         "note": "source model with its LoRA" + (" (loss in the source tokenizer's units)" if lm else "")})
             for method in cfg.methods:
                 opts = dict(METHODS[method])
                 if opts.get("generate") == -1:

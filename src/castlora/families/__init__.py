@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..errors import CastloraError
+
 from .base import (ROLE_COUNTERPARTS, ROLE_READS, ROLE_WRITES, ROLES, FamilySpec, Fused, Site,
                    SiteSpec, head_dim_of, linear_shape)
 from .specs import BUILTIN_FAMILIES
@@ -17,8 +19,8 @@ __all__ = ["FamilySpec", "Fused", "SiteSpec", "Site", "ModelSites", "ROLES", "RO
 _REGISTRY: dict[str, FamilySpec] = {}
 
 
-class UnsupportedArchitectureError(ValueError):
-    pass
+class UnsupportedArchitectureError(CastloraError, ValueError):
+    """No family spec for this model_type (a CastloraError: the CLI prints it without a traceback)."""
 
 
 def register_family(spec: FamilySpec, *, replace: bool = False) -> None:

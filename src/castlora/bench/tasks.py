@@ -1,0 +1,85 @@
+"""Benchmark tasks: two domain-LM tasks from shared/data and two generated exact-match tasks.
+
+Generated tasks are a pure function of the seed (written as prompt/completion jsonl):
+- `facts`: recall of fictional facts. 120 invented people, each with a home town and a job.
+  Training states every fact in three phrasings (two statements, one Q/A); the test asks every
+  fact in a fourth phrasing never seen in training, so the LoRA must have stored the fact, not
+  the string.
+- `greet`: a fixed output format (a skill). "Greet NAME ->" must become
+  " Hello, NAME! Welcome to the club." The test uses names never seen in training, so only the
+  format, with copying, can be learnt.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+SYLLABLES = ["ka", "lo", "mi", "ren", "tas", "vor", "bel", "dun", "fir", "gal", "hul", "jor", "nim", "pel",
+             "quin", "sar", "tol", "ur", "wen", "zed"]
+TOWNS = ["Ashford", "Brookmere", "Coldwater", "Dunmore", "Eastvale", "Fairholm", "Greystone", "Highcliff",
+         "Ironwood", "Kingsbridge", "Larkspur", "Millbrook"]
+JOBS = ["baker", "sailor", "painter", "farmer", "doctor", "teacher", "miner", "weaver", "singer", "builder"]
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: str  # "lm" (test loss) or "exact" (exact-match accuracy)
+    train: Path
+    test: Path
+
+
+def _name(rng: random.Random) -> str:
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.choice([2, 3]))).capitalize()
+
+
+def _names(rng: random.Random, n: int, avoid: set[str] = frozenset()) -> list[str]:
+    out: list[str] = []
+    while len(out) < n:
+        x = _name(rng)
+        if x not in avoid and x not in out:
+            out.append(x)
+    return out
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def make_facts(folder: Path, seed: int = 0, n_people: int = 120, repeats: int = 4) -> Task:
+    rng = random.Random(seed)
+    people = [(n, rng.choice(TOWNS), rng.choice(JOBS)) for n in _names(rng, n_people)]
+    train = []
+    for n, t, j in people * repeats:
+        train.append({"prompt": "", "completion": f"{n} lives in {t} and works as a {j}."})
+        train.append({"prompt": "", "completion": f"In {t}, {n} is known as a {j}."})
+        train.append({"prompt": f"Q: Where does {n} live? A:", "completion": f" {t}"})
+    rng.shuffle(train)
+    test = [{"prompt": f"Q: Which town is home to {n}? A:", "completion": f" {t}"} for n, t, _ in people]
+    _write_jsonl(folder / "facts" / "train.jsonl", train)
+    _write_jsonl(folder / "facts" / "test.jsonl", test)
+    return Task("facts", "exact", folder / "facts" / "train.jsonl", folder / "facts" / "test.jsonl")
+
+
+def make_greet(folder: Path, seed: int = 0, n_train: int = 400, n_test: int = 100) -> Task:
+    rng = random.Random(seed + 1)
+    names = _names(rng, n_train + n_test)
+    fmt = lambda n: {"prompt": f"Greet {n} ->", "completion": f" Hello, {n}! Welcome to the club."}  # noqa: E731
+    _write_jsonl(folder / "greet" / "train.jsonl", [fmt(n) for n in names[:n_train]])
+    _write_jsonl(folder / "greet" / "test.jsonl", [fmt(n) for n in names[n_train:]])
+    return Task("greet", "exact", folder / "greet" / "train.jsonl", folder / "greet" / "test.jsonl")
+
+
+def get_task(name: str, shared: Path, folder: Path, seed: int = 0) -> Task:
+    if name in ("shakespeare", "kjv"):
+        d = shared / "data" / "domains" / name
+        return Task(name, "lm", d / "train.txt.gz", d / "test.txt.gz")
+    if name == "facts":
+        return make_facts(folder, seed)
+    if name == "greet":
+        return make_greet(folder, seed)
+    raise ValueError(f"unknown task {name!r}; choose from shakespeare, kjv, facts, greet")
