@@ -2,7 +2,8 @@
 
 1. train a LoRA on Shakespeare for the source model (the adapter a user would hold);
 2. retrain the same LoRA on the target with the task data (the reference castlora aims at);
-3. port the source LoRA to the target with CAST on general text only (no Shakespeare);
+3. port the source LoRA to the target with CAST on general text and text the source model
+   generates with its LoRA (no Shakespeare data);
 4. score base / retrained / ported on held-out Shakespeare and print the retention line.
 Steps 1-2 are cached in --out, so a second run only re-ports.
 """
@@ -40,7 +41,7 @@ def demo(shared: str | None = None, out: str = "runs/demo", source: str = "llama
     train_data = str(root / "data" / "domains" / task / "train.txt.gz")
     test_docs = read_documents(root / "data" / "domains" / task / "test.txt.gz")
     general = str(root / "data" / "general" / "train.txt.gz")
-    lora_steps, cast_steps, eval_tokens = (20, 10, 4000) if quick else (150, 150, 30000)
+    lora_steps, cast_steps, eval_tokens = (20, 10, 4000) if quick else (100, 100, 20000)
     t0 = time.perf_counter()
 
     def lora(model_dir: str, name: str) -> str:

@@ -87,18 +87,22 @@ def _source_with_adapter(cfg: TranslateConfig, source):
 def _training_texts(cfg, docs, tok_s, source, n_needed, log) -> tuple[list[str], dict]:
     """Chunks of general text, mixed with text sampled from source+LoRA when --generate is set."""
     info = {}
-    n_gen = min(cfg.generate, int(round(n_needed * cfg.mix))) if cfg.generate else 0
+    share = int(round(n_needed * cfg.mix))
+    count = share if cfg.generate < 0 else cfg.generate
+    n_gen = min(count, share) if cfg.steps > 0 else 0  # CAST-0 trains nothing: no text to generate
+    info["general_needed"] = n_needed - n_gen
     general = make_chunks(docs, tok_s, cfg.seq_len, n_needed - n_gen + cfg.calib_batches * cfg.batch_size,
                           seed=cfg.seed)
     if not general:
         raise CorpusError("the corpus yields no text chunk of at least 16 tokens")
     texts = general
-    if cfg.generate:
+    info["general_chunks"] = max(0, len(general) - cfg.calib_batches * cfg.batch_size)
+    if n_gen:
         t0 = time.perf_counter()
-        gen = sample_texts(source, tok_s, docs, cfg.generate, max_new_tokens=cfg.seq_len, top_k=cfg.top_k,
+        gen = sample_texts(source, tok_s, docs, n_gen, max_new_tokens=cfg.seq_len, top_k=cfg.top_k,
                            seed=cfg.seed, progress=cfg.progress)
-        info = {"generated_texts": len(gen), "generated_chars": sum(map(len, gen)),
-                "generation_seconds": round(time.perf_counter() - t0, 1)}
+        info.update({"generated_texts": len(gen), "generated_chars": sum(map(len, gen)),
+                     "generation_seconds": round(time.perf_counter() - t0, 1)})
         log(f"generated {len(gen)} texts ({info['generated_chars']} chars) in {info['generation_seconds']} s")
         rng = random.Random(cfg.seed)
         n_general = max(0, n_needed - n_gen)
@@ -143,14 +147,14 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
     texts, gen_info = _training_texts(cfg, docs, tok_s, source, n_needed, log)
     n_calib = min(len(texts), cfg.calib_batches * cfg.batch_size)
     calib_texts, train_texts = texts[:n_calib], texts[n_calib:] or texts
-    if cfg.steps > 0 and not cfg.generate and len(train_texts) * cfg.max_epochs < n_needed:
-        n_tok = sum(len(ids) for ids in tok_s(train_texts, add_special_tokens=False)["input_ids"])
+    n_general, general_needed = gen_info.pop("general_chunks"), gen_info.pop("general_needed")
+    if cfg.steps > 0 and general_needed > 0 and n_general * cfg.max_epochs < general_needed:
         raise CorpusError(
             f"the corpus is too short for {cfg.steps} steps of batch {cfg.batch_size}: it yields "
-            f"{len(train_texts)} training chunks of up to {cfg.seq_len} source tokens ({n_tok} tokens; "
-            f"{n_calib} more chunks go to calibration), so the training stream of {n_needed} texts would repeat "
-            f"it {n_needed / len(train_texts):.1f} times, more than --max-epochs {cfg.max_epochs:g}. It needs at "
-            f"least {math.ceil(n_needed / cfg.max_epochs)} chunks: add text to --corpus, lower --steps or "
+            f"{n_general} training chunks of up to {cfg.seq_len} source tokens ({n_calib} more go to "
+            f"calibration), and the {general_needed} general texts of the training stream would repeat it "
+            f"{general_needed / max(1, n_general):.1f} times, more than --max-epochs {cfg.max_epochs:g}. It needs "
+            f"at least {math.ceil(general_needed / cfg.max_epochs)} chunks: add text to --corpus, lower --steps or "
             "--batch-size, or raise --max-epochs.")
     vocab = shared_vocab(tok_s, tok_t)
     max_len_t = int(cfg.seq_len * 1.5)  # the target tokenizer may need more tokens for the same text

@@ -21,14 +21,15 @@ from ..corpus import read_documents
 from ..evaluate import exact_match, load_examples, retention, text_loss
 from .tasks import get_task
 
-# method -> translate() options. Every CAST row has its imitation control trained on the same corpus.
+# method -> translate() options (generate -1: cfg.generate texts from source+LoRA, capped at mix = 1/3 of
+# the stream; 0: general text only). Every CAST row has its imitation control trained on the same corpus.
 METHODS: dict[str, dict] = {
     "cast0": {"steps": 0},
     "random_heads": {"steps": 0, "init": "random"},
-    "weight_space": {"transfer": "weight-space"},
-    "cast_source": {"teacher": "source"},
-    "cast_delta": {"teacher": "delta"},
-    "imitation": {"teacher": "source_base"},
+    "weight_space": {"transfer": "weight-space", "generate": 0},
+    "cast_source": {"teacher": "source", "generate": 0},
+    "cast_delta": {"teacher": "delta", "generate": 0},
+    "imitation": {"teacher": "source_base", "generate": 0},
     "cast_source_gen": {"teacher": "source", "generate": -1},
     "cast_delta_gen": {"teacher": "delta", "generate": -1},
     "imitation_gen": {"teacher": "source_base", "generate": -1},
