@@ -54,6 +54,16 @@ def make_tiny(model_type: str, seed: int = 0, **overrides) -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny matmuls on a 2-core machine: one intra-op thread is many times faster than two,
+    and the subprocess tests below pin OMP_NUM_THREADS=1 for the same reason."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def tiny():
     return make_tiny

@@ -16,14 +16,6 @@ from castlora.errors import AdapterMismatchError, CastloraError, UnsafeFileError
 from castlora.families import model_sites
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine: one intra-op thread is many times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _randomize_b(peft_model, seed=0):
     g = torch.Generator().manual_seed(seed)

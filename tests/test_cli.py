@@ -23,13 +23,6 @@ translate_mod = importlib.import_module("castlora.translate")  # `castlora.trans
 SUBCOMMANDS = ("inspect", "translate", "train-lora", "eval", "demo")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

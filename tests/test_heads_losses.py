@@ -14,14 +14,6 @@ from castlora.heads import LinearHead, MLPHead, make_head, reduced_rank_fit, rid
 from castlora.losses import delta_teacher, kl_divergence, relative_mse, shared_log_probs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine: one intra-op thread is many times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _data(n=200, dx=7, dy=5, seed=0, scale=3.0):
     rng = np.random.default_rng(seed)

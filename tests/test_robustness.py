@@ -53,13 +53,6 @@ def _seen(case: str, message: str) -> None:
     print(f"\n[robustness] {case}: {message}", file=sys.__stdout__, flush=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _model_folder(folder: Path, model_type: str, seed: int, tokenizer: str = "llama", vocab: int = 32000) -> Path:
     model = make_tiny(model_type, seed, vocab_size=vocab, max_position_embeddings=128)

@@ -34,14 +34,6 @@ translate_mod = importlib.import_module("castlora.translate")
 QUIET = dict(progress=False, log=lambda *a, **k: None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine: one intra-op thread is many times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _randomize_b(peft_model, seed=0, std=0.3):
     g = torch.Generator().manual_seed(seed)
