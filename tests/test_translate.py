@@ -375,3 +375,25 @@ def test_failed_run_leaves_nothing_beside_out(folders, tmp_path):
         castlora.translate(source=str(folders["neox"]), adapter=str(folders["adapter"]), target=str(folders["llama"]),
                            corpus=[str(folders["corpus"])], out=str(parent / "out"), steps=2, **QUIET)
     assert not parent.exists() or list(parent.iterdir()) == []
+
+
+# --------------------------------------------------- sharded models (accelerate device_map)
+
+def test_translate_with_a_multi_device_map_matches_single_device(folders, tmp_path):
+    """The code path for models larger than one card: both models dispatched by accelerate with a
+    module->device map (layer 1 offloaded to disk, so its weights sit on the meta device between
+    calls and hooks move them in). The port must equal the single-device one."""
+    device_map = {
+        "source": {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu",
+                   "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"},
+        "target": {"gpt_neox.embed_in": "cpu", "gpt_neox.layers.0": "cpu", "gpt_neox.layers.1": "disk",
+                   "gpt_neox.final_layer_norm": "cpu", "gpt_neox.rotary_emb": "cpu", "lm_head": "cpu"},
+    }
+    plain = _run(folders, tmp_path / "plain", steps=3, generate=0)
+    sharded = _run(folders, tmp_path / "sharded", steps=3, generate=0, device_map=json.dumps(device_map))
+    a = load_file(str(plain.out / "adapter_model.safetensors"))
+    b = load_file(str(sharded.out / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    assert sharded.record["config"]["device_map"]

@@ -18,6 +18,16 @@ from .families import Site
 from .heads import make_head
 
 
+def execution_device(module: nn.Module) -> torch.device:
+    """Where `module` computes: accelerate's hook says so for dispatched/offloaded modules (whose
+    weights may sit on the meta device between calls), else its parameters' device."""
+    hook_dev = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if hook_dev is not None:
+        return torch.device(hook_dev if not isinstance(hook_dev, int) else f"cuda:{hook_dev}")
+    dev = next(module.parameters()).device
+    return torch.device("cpu") if dev.type == "meta" else dev
+
+
 class PortedKernel(nn.Module):
     """A source kernel `s * B A` seen through its subspaces, with heads into/out of them.
 
@@ -94,7 +104,7 @@ def attached(model: nn.Module, ports: list[tuple[PortedKernel, Site]]) -> Iterat
             parent_path, _, name = path.rpartition(".")
             parent = model.get_submodule(parent_path)
             original = getattr(parent, name)
-            dev = next(original.parameters()).device
+            dev = execution_device(original)
             for port, _ in items:
                 port.to(dev)
             wrapper = CastLinear(original, [p for p, _ in items], [s.rows for _, s in items])

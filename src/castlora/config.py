@@ -46,6 +46,8 @@ class TranslateConfig:
                             "recovered from 0.54 to 0.68 on llama->mistral, docs/results.md)")
     top_k: int = opt(50, "top-k of the sampling for --generate")
     device: str = opt("cpu", "torch device")
+    device_map: str = opt("", "load both models sharded through accelerate: 'auto' (all GPUs, then CPU) or a "
+                              "JSON module->device map; empty = everything on --device")
     dtype: str = opt("float32", "model dtype (float32 on CPU; bfloat16 on GPU)")
     seed: int = opt(0, "seed for data order, sampling and random heads")
     max_epochs: float = opt(4.0, "error out when the training stream would repeat the corpus more than this many times")

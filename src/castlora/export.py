@@ -83,11 +83,13 @@ def export_peft(target, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], o
         with torch.no_grad():
             for path, (A, B) in factors.items():
                 layer = peft_model.base_model.model.get_submodule(path)
-                wa, wb = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-                wa.zero_()
-                wb.zero_()
-                wa[: A.shape[0]] = A.to(wa)
-                wb[:, : A.shape[0]] = B.to(wb)
+                for lin, value in ((layer.lora_A["default"], A), (layer.lora_B["default"], B)):
+                    w = lin.weight
+                    full = torch.zeros(w.shape, dtype=w.dtype)  # zero-padded to the common rank
+                    full[tuple(slice(0, n) for n in value.shape)] = value.to(w.dtype)
+                    # Offloaded modules get their LoRA on the meta device: give it real storage.
+                    dev = torch.device("cpu") if w.device.type == "meta" else w.device
+                    lin.weight = torch.nn.Parameter(full.to(dev), requires_grad=False)
         if base_model_name:
             peft_model.peft_config["default"].base_model_name_or_path = base_model_name
         peft_model.save_pretrained(str(out_dir), safe_serialization=True)

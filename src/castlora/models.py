@@ -6,6 +6,7 @@ safetensors only unless the user allows pickles; `trust_remote_code` stays off u
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -89,6 +90,8 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", device: str = "c
         kwargs["use_safetensors"] = True
     if device_map is not None:
         kwargs["device_map"] = device_map
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            kwargs["offload_folder"] = tempfile.mkdtemp(prefix="castlora-offload-")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(Path(name).expanduser()) if is_local(name) else name,
                                                      **kwargs)

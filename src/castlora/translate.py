@@ -74,6 +74,20 @@ def check_inputs(cfg: TranslateConfig) -> None:
         raise CastloraError("--steps must be >= 0, --batch-size >= 1, --seq-len >= 8 and --max-epochs > 0")
 
 
+def _device_map(spec: str, which: str):
+    """'' -> None; 'auto' -> 'auto'; JSON -> a dict (either one map for both models, or
+    {"source": {...}, "target": {...}})."""
+    if not spec:
+        return None
+    if spec == "auto":
+        return "auto"
+    try:
+        m = json.loads(spec)
+    except json.JSONDecodeError as e:
+        raise CastloraError(f"--device-map must be 'auto' or a JSON object: {e}") from e
+    return m.get(which, m) if isinstance(m, dict) and which in m else m
+
+
 def _source_with_adapter(cfg: TranslateConfig, source):
     from peft import PeftModel
 
@@ -132,9 +146,11 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
     docs = read_corpus(cfg.corpus)  # empty, unreadable or non-UTF-8 text fails before any model loads
 
     log(f"loading {cfg.source} and {cfg.target}")
-    src_base = load_model(cfg.source, cfg.dtype, cfg.device, allow_pickle=cfg.allow_pickle,
+    src_base = load_model(cfg.source, cfg.dtype, cfg.device, device_map=_device_map(cfg.device_map, "source"),
+                          allow_pickle=cfg.allow_pickle,
                           trust_remote_code=cfg.trust_remote_code)
-    tgt = load_model(cfg.target, cfg.dtype, cfg.device, allow_pickle=cfg.allow_pickle,
+    tgt = load_model(cfg.target, cfg.dtype, cfg.device, device_map=_device_map(cfg.device_map, "target"),
+                     allow_pickle=cfg.allow_pickle,
                      trust_remote_code=cfg.trust_remote_code)
     tok_s = load_tokenizer(cfg.source, cfg.trust_remote_code)
     tok_t = load_tokenizer(cfg.target, cfg.trust_remote_code)
