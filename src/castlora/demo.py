@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .errors import CastloraError
+from .safe_io import write_text_atomic
 
 
 def shared_dir(shared: str | None = None) -> Path:
@@ -68,7 +69,7 @@ def demo(shared: str | None = None, out: str = "runs/demo", source: str = "llama
     summary = {"pair": f"{source}->{target}", "task": task, "losses": scores, **r,
                "cast_steps": cast_steps, "wall_seconds": round(time.perf_counter() - t0, 1),
                "train_seconds": result.record["train_seconds"]}
-    (out_dir / "demo.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(out_dir / "demo.json", json.dumps(summary, indent=2))
     log(f"retention {source}->{target} on {task}/test: loss base {scores['base']:.4f}  "
         f"retrained {scores['retrained']:.4f}  ported {scores['ported']:.4f}  |  ratio {r['ratio']:.3f}  "
         f"gap recovered {r['gap_recovered']:.3f}  ({summary['wall_seconds']:.0f} s)")

@@ -106,3 +106,14 @@ def atomic_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
                 f"({'it was left as it was' if existed else 'the partial output was removed'}); "
                 "free some space or choose an --out on another disk, and run again") from e
         raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a whole text file via a temporary sibling and a rename: readers never see half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

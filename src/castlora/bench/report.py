@@ -71,5 +71,6 @@ def plot_gap(table: dict, path: Path) -> None:
 
 
 def write_report(table: dict, out: Path) -> None:
-    (Path(out) / "results.md").write_text(markdown_table(table))
+    from ..safe_io import write_text_atomic
+    write_text_atomic(Path(out) / "results.md", markdown_table(table))
     plot_gap(table, Path(out) / "gap_recovered.png")

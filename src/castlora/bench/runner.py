@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..demo import shared_dir
+from ..safe_io import write_text_atomic
 from ..corpus import read_documents
 from ..evaluate import exact_match, load_examples, retention, text_loss
 from .tasks import get_task
@@ -120,7 +121,7 @@ def bench(cfg: BenchConfig, log=print) -> dict:
                  "hardware": {"device": cfg.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
                               "platform": platform.platform(), "processor": platform.processor()},
                  "wall_seconds": round(time.perf_counter() - t_start, 1)}
-        results_file.write_text(json.dumps(table, indent=1))
+        write_text_atomic(results_file, json.dumps(table, indent=1))
         return table
 
     for task in cfg.tasks:

@@ -17,6 +17,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..safe_io import write_text_atomic
+
 SYLLABLES = ["ka", "lo", "mi", "ren", "tas", "vor", "bel", "dun", "fir", "gal", "hul", "jor", "nim", "pel",
              "quin", "sar", "tol", "ur", "wen", "zed"]
 TOWNS = ["Ashford", "Brookmere", "Coldwater", "Dunmore", "Eastvale", "Fairholm", "Greystone", "Highcliff",
@@ -47,7 +49,7 @@ def _names(rng: random.Random, n: int, avoid: set[str] = frozenset()) -> list[st
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def make_facts(folder: Path, seed: int = 0, n_people: int = 120, repeats: int = 4) -> Task:
