@@ -28,7 +28,8 @@ from castlora.families import model_sites
 from castlora.models import load_model, load_tokenizer, torch_dtype
 from castlora.site_map import map_sites, proportional_layer_map
 from castlora.tokens import PairBatch, encode_pair, shared_vocab
-from castlora.train import LoopConfig, cast_loss
+from castlora.teacher_cache import TeacherCache
+from castlora.train import LoopConfig, autocast, cast_loss, step_setup
 
 ROLES_7B = ["q", "k", "v", "o", "gate", "up", "down"]
 
@@ -99,6 +100,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--roles", nargs="+", default=ROLES_7B)
     ap.add_argument("--teacher", default="source")
+    ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                    help="autocast of the CAST step (auto: bf16 on CUDA, off on CPU)")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint the target's blocks")
+    ap.add_argument("--teacher-top-k", type=int, default=128, help="top-k of the precomputed-teacher step")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args(argv)
@@ -146,42 +151,48 @@ def main(argv=None) -> int:
     random_init(ports)
     n_tok_s, n_tok_t = int(batch.mask_s.sum()), int(batch.mask_t.sum())
     emb = tgt.get_input_embeddings()
-    autocast = (torch.autocast("cuda", dtype=dtype) if args.device.startswith("cuda") and dtype != torch.float32
-                else torch.autocast("cpu", enabled=False))
+    amp = args.amp if args.amp != "auto" else ("bf16" if args.device.startswith("cuda") else "off")
+    floor_ctx = autocast(torch.device(args.device), amp)
 
     def floor_source():
-        with torch.no_grad(), source.disable_adapter(), autocast:
+        with torch.no_grad(), source.disable_adapter(), floor_ctx:
             src(input_ids=batch.ids_s, attention_mask=batch.mask_s)
 
     def floor_target():
         x = emb(batch.ids_t).detach().requires_grad_(True)  # gradients to activations only
-        with autocast:
+        with floor_ctx:
             logits = tgt(inputs_embeds=x, attention_mask=batch.mask_t).logits
         logits.float().logsumexp(-1).mean().backward()
 
-    loop = LoopConfig(steps=1, teacher=args.teacher)
+    loop = LoopConfig(steps=1, teacher=args.teacher, amp=amp, checkpointing=args.gradient_checkpointing)
+    cache = TeacherCache(tmp / "teacher", {"bench": True}, args.teacher_top_k)
     params = [p for port, _ in ports for p in port.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-4)
 
-    with attached(tgt, ports) as wrappers:
-        def cast_step():
-            for port, _ in ports:
-                port.record = True
-            with autocast:
-                loss, _, _ = cast_loss(source, source_inner, tgt, wrappers, ports, batch, vocab, loop,
-                                       [p.source_module for p, _ in ports])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    def cast_step(wrappers, cols, use_cache=None):
+        """The step fit_heads runs (teacher, student, loss, backward, optimizer)."""
+        for port, _ in ports:
+            port.record = True
+        loss, _, _ = cast_loss(source, source_inner, tgt, wrappers, ports, batch, cols, loop, use_cache, 0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
 
-        for _ in range(args.warmup):
-            floor_source(), floor_target(), cast_step()
-        if args.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        t_src = timed(floor_source, args.repeats, args.device)
-        with deltas_off(wrappers):  # the floor is the bare target
+    with attached(tgt, ports) as wrappers:
+        # the floor: the models as they are (full output layer), the target without the ported deltas
+        with deltas_off(wrappers):
+            for _ in range(args.warmup):
+                floor_source(), floor_target()
+            if args.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            t_src = timed(floor_source, args.repeats, args.device)
             t_tgt = timed(floor_target, args.repeats, args.device)
-        t_step = timed(cast_step, args.repeats, args.device)
+        with step_setup(source_inner, tgt, vocab, t_sites.layer_paths, loop) as cols:
+            for _ in range(args.warmup):
+                cast_step(wrappers, cols)
+            cast_step(wrappers, cols, cache)  # computes the teacher once and writes it: later calls read it
+            t_step = timed(lambda: cast_step(wrappers, cols), args.repeats, args.device)
+            t_cached = timed(lambda: cast_step(wrappers, cols, cache), args.repeats, args.device)
     floor = t_src + t_tgt
     peak = peak_memory_gib(args.device)
     p_s = sum(p.numel() for n, p in src.named_parameters() if "embed_tokens" not in n and "lora" not in n)
@@ -190,13 +201,15 @@ def main(argv=None) -> int:
     weights_gib = (sum(p.numel() * p.element_size() for p in src.parameters())
                    + sum(p.numel() * p.element_size() for p in tgt.parameters())) / 2**30
     gc.collect()
-    print(f"pair: {label}  device: {args.device}  dtype: {str(dtype).replace('torch.', '')}  "
+    print(f"pair: {label}  device: {args.device}  dtype: {str(dtype).replace('torch.', '')}  amp: {amp}  "
+          f"checkpointing: {args.gradient_checkpointing}  "
           f"batch: {args.batch} x {args.seq_len}  kernels: {len(ports)}  threads: {torch.get_num_threads()}")
     print(f"{'what':<28}{'seconds':>10}{'target tok/s':>14}")
     print(f"{'floor: source forward':<28}{t_src:>10.4f}")
     print(f"{'floor: target fwd+bwd':<28}{t_tgt:>10.4f}")
     print(f"{'floor (sum)':<28}{floor:>10.4f}{n_tok_t / floor:>14.0f}")
     print(f"{'CAST step':<28}{t_step:>10.4f}{n_tok_t / t_step:>14.0f}")
+    print(f"{'CAST step, cached teacher':<28}{t_cached:>10.4f}{n_tok_t / t_cached:>14.0f}")
     print(f"step/floor: {t_step / floor:.2f}")
     print(f"peak memory: {peak:.2f} GiB ({'GPU allocated' if args.device.startswith('cuda') else 'process max RSS'}); "
           f"model weights: {weights_gib:.2f} GiB; ratio {peak / weights_gib:.2f}")

@@ -27,7 +27,7 @@ from castlora.losses import kl_divergence, shared_log_probs
 from castlora.models import load_model, load_tokenizer
 from castlora.site_map import map_sites, proportional_layer_map
 from castlora.tokens import encode_pair, shared_vocab
-from castlora.train import teacher_log_probs
+from castlora.train import teacher_outputs
 
 # `castlora.translate` is the function (re-exported by the package); the module is this:
 translate_mod = importlib.import_module("castlora.translate")
@@ -274,7 +274,7 @@ def test_delta_teacher_zero_lora_is_target_distribution(folders):
         paths = [p.source_module for p, _ in ports]
         closed_form_init(ports, inner, tgt, paths, [batch])
         with attached(tgt, ports) as wrappers, torch.no_grad():
-            lp_teacher, _ = teacher_log_probs(source, inner, tgt, wrappers, batch, vocab, "delta", 1.0, paths)
+            lp_teacher = teacher_outputs(source, inner, tgt, wrappers, ports, batch, vocab, "delta", 1.0, False).logp
             logits = tgt(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
             lp_student = shared_log_probs(gather_aligned(logits, batch.pos_t, batch.pos_mask), vocab.ids_t, 1.0)
         with torch.no_grad():  # the target's own distribution

@@ -49,6 +49,14 @@ class TranslateConfig:
     device_map: str = opt("", "load both models sharded through accelerate: 'auto' (all GPUs, then CPU) or a "
                               "JSON module->device map; empty = everything on --device")
     dtype: str = opt("float32", "model dtype (float32 on CPU; bfloat16 on GPU)")
+    amp: str = opt("auto", "autocast the forward passes: auto = bf16 on CUDA, off elsewhere",
+                   ("auto", "bf16", "fp16", "off"))
+    gradient_checkpointing: bool = opt(False, "recompute the target's blocks in the backward pass: activation "
+                                              "memory stops growing with depth, for about one more target forward")
+    teacher_cache: str = opt("", "folder for a precomputed teacher: filled on the first run, then read by later runs "
+                                 "with the same teacher (skips the source forward and the text generation)")
+    teacher_top_k: int = opt(128, "with --teacher-cache: keep the teacher's top-k pieces per position (the rest of "
+                                  "the mass as one bucket)")
     seed: int = opt(0, "seed for data order, sampling and random heads")
     max_epochs: float = opt(4.0, "error out when the training stream would repeat the corpus more than this many times")
     checkpoint_every: int = opt(100, "save a resumable checkpoint every N steps")

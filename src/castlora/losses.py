@@ -6,9 +6,12 @@ import torch
 import torch.nn.functional as F
 
 
-def shared_log_probs(logits: torch.Tensor, vocab_ids: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-    """Log-distribution over the shared vocabulary only, renormalised, at temperature tau."""
-    return F.log_softmax(logits.index_select(-1, vocab_ids).float() / tau, dim=-1)
+def shared_log_probs(logits: torch.Tensor, vocab_ids: torch.Tensor | None, tau: float = 1.0) -> torch.Tensor:
+    """Log-distribution over the shared vocabulary only, renormalised, at temperature tau.
+    `vocab_ids` None: the logits already are the shared columns (vocab_head.shared_logits)."""
+    if vocab_ids is not None:
+        logits = logits.index_select(-1, vocab_ids.to(logits.device))
+    return F.log_softmax(logits.float() / tau, dim=-1)
 
 
 def delta_teacher(logp_target_base: torch.Tensor, logp_source_lora: torch.Tensor,
@@ -24,6 +27,20 @@ def kl_divergence(logp_teacher: torch.Tensor, logp_student: torch.Tensor, tau: f
     if logp_teacher.numel() == 0:
         return logp_student.sum() * 0.0
     kl = (logp_teacher.exp() * (logp_teacher - logp_student)).sum(-1)
+    return kl.mean() * tau * tau
+
+
+def topk_kl(values: torch.Tensor, index: torch.Tensor, logp_student: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) over k+1 buckets: the teacher's top-k pieces (log-probs `values` at
+    `index`) and the rest of the vocabulary as one bucket. It never exceeds the full KL, equals it
+    when k covers the vocabulary, and needs only the top-k of the teacher (teacher_cache)."""
+    if values.numel() == 0:
+        return logp_student.sum() * 0.0
+    lq = logp_student.gather(-1, index.long())
+    p = values.exp()
+    p_rest = (1 - p.sum(-1)).clamp_min(0)
+    lq_rest = torch.log1p(-lq.exp().sum(-1).clamp(max=1 - 1e-6))
+    kl = (p * (values - lq)).sum(-1) + torch.xlogy(p_rest, p_rest) - p_rest * lq_rest
     return kl.mean() * tau * tau
 
 

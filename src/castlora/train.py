@@ -8,6 +8,7 @@ checkpoint ends with the same heads as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -21,13 +22,16 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .capture import capture
+from .checkpointing import checkpointed_blocks
 from .cast_module import CastLinear, PortedKernel, deltas_off
 from .closed_form import gather_aligned
 from .errors import CastloraError, TrainingDiverged
 from .families import Site
-from .losses import delta_teacher, kl_divergence, relative_mse, shared_log_probs
+from .losses import delta_teacher, kl_divergence, relative_mse, shared_log_probs, topk_kl
 from .safe_io import is_disk_full
+from .teacher_cache import TeacherCache, TeacherOutput
 from .tokens import PairBatch, SharedVocab
+from .vocab_head import shared_logits
 
 TEACHERS = ("source", "delta", "source_base")
 
@@ -44,6 +48,8 @@ class LoopConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 100
     log_every: int = 10
+    amp: str = "off"  # "bf16" | "fp16": autocast the forward passes (GPU)
+    checkpointing: bool = False  # recompute the target's blocks in the backward pass (less memory)
 
 
 @dataclass
@@ -62,9 +68,24 @@ def lr_at(step: int, cfg: LoopConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def teacher_log_probs(source, source_inner, target, wrappers, batch: PairBatch, vocab: SharedVocab,
-                      teacher: str, tau: float, source_paths: list[str]):
-    """Teacher log-probs on aligned positions and the source site inputs (for the MSE term)."""
+AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, amp: str):
+    """Mixed precision for the forward passes (the losses are computed in float32 regardless)."""
+    if amp not in AMP:
+        raise ValueError(f"unknown --amp {amp!r}; choose one of {sorted(AMP)}")
+    if AMP[amp] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP[amp])
+
+
+def teacher_outputs(source, source_inner, target, wrappers, ports: list[tuple[PortedKernel, Site]],
+                    batch: PairBatch, cols: SharedVocab, teacher: str, tau: float, want_z: bool) -> TeacherOutput:
+    """The source side of a step (no grad): the teacher's log-probs over the shared vocabulary at
+    the aligned positions, and each kernel's view of its source-site inputs (for the MSE term)."""
+    source_paths = sorted({p.source_module for p, _ in ports}) if want_z else []
+
     def logp_source(use_lora: bool):
         with capture(source_inner, inputs=source_paths if use_lora else ()) as cap:
             if use_lora:
@@ -73,39 +94,61 @@ def teacher_log_probs(source, source_inner, target, wrappers, batch: PairBatch, 
                 with source.disable_adapter():
                     out = source(input_ids=batch.ids_s, attention_mask=batch.mask_s)
         logits = gather_aligned(out.logits, batch.pos_s, batch.pos_mask)
-        return shared_log_probs(logits, vocab.ids_s.to(logits.device), tau), cap.inputs
+        return shared_log_probs(logits, cols.ids_s, tau), cap.inputs
 
     with torch.no_grad():
         lp_lora, inputs = logp_source(True)
+        z = None
+        if want_z:
+            z = [gather_aligned(inputs[port.source_module], batch.pos_s, batch.pos_mask).to(port.in_basis.device)
+                 .float() @ port.in_basis for port, _ in ports]
         if teacher == "source":
-            return lp_lora, inputs
+            return TeacherOutput(logp=lp_lora, z=z)
         lp_base, _ = logp_source(False)
         if teacher == "source_base":
-            return lp_base, inputs
+            return TeacherOutput(logp=lp_base, z=z)
         with deltas_off(wrappers):
             t_logits = target(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
-        lp_t = shared_log_probs(gather_aligned(t_logits, batch.pos_t, batch.pos_mask),
-                                vocab.ids_t.to(t_logits.device), tau)
-        return delta_teacher(lp_t, lp_lora.to(lp_t.device), lp_base.to(lp_t.device)), inputs
+        lp_t = shared_log_probs(gather_aligned(t_logits, batch.pos_t, batch.pos_mask), cols.ids_t, tau)
+        return TeacherOutput(logp=delta_teacher(lp_t, lp_lora.to(lp_t.device), lp_base.to(lp_t.device)), z=z)
 
 
 def cast_loss(source, source_inner, target, wrappers, ports: list[tuple[PortedKernel, Site]], batch: PairBatch,
-              vocab: SharedVocab, cfg: LoopConfig, source_paths: list[str]):
-    """One CAST step's loss: teacher (no grad) vs student on aligned positions, plus the MSE term."""
-    lp_teacher, x_src = teacher_log_probs(source, source_inner, target, wrappers, batch, vocab,
-                                          cfg.teacher, cfg.temperature, source_paths)
-    logits = target(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
-    lp_student = shared_log_probs(gather_aligned(logits, batch.pos_t, batch.pos_mask),
-                                  vocab.ids_t.to(logits.device), cfg.temperature)
-    kl = kl_divergence(lp_teacher.to(lp_student.device), lp_student, cfg.temperature)
+              cols: SharedVocab, cfg: LoopConfig, cache: TeacherCache | None = None, step: int = 0):
+    """One CAST step's loss: teacher (no grad; from `cache` when it holds this step) vs student on
+    aligned positions, plus the MSE term. `cols`: the shared vocabulary's columns in each model's
+    logits (None where vocab_head.shared_logits already restricted them)."""
+    device = next(target.parameters()).device
+    with autocast(device, cfg.amp):
+        t_out = cache.load(step, batch) if cache is not None else None
+        if t_out is None:
+            t_out = teacher_outputs(source, source_inner, target, wrappers, ports, batch, cols, cfg.teacher,
+                                    cfg.temperature, cfg.beta > 0)
+            if cache is not None:  # the same top-k whether the step was read or computed: same heads
+                t_out = t_out.top_k(cache.top_k)
+                cache.save(step, batch, t_out)
+        logits = target(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
+    lp_student = shared_log_probs(gather_aligned(logits, batch.pos_t, batch.pos_mask), cols.ids_t, cfg.temperature)
+    t_out = t_out.to(lp_student.device)
+    if t_out.logp is not None:
+        kl = kl_divergence(t_out.logp, lp_student, cfg.temperature)
+    else:
+        kl = topk_kl(t_out.values, t_out.index, lp_student, cfg.temperature)
     mse = torch.zeros((), device=logits.device)
     if cfg.beta > 0:
-        for port, _ in ports:
+        for (port, _), z_s in zip(ports, t_out.z):
             z_t = gather_aligned(port.last_z, batch.pos_t, batch.pos_mask)
-            x_s = gather_aligned(x_src[port.source_module], batch.pos_s, batch.pos_mask)
-            z_s = x_s.to(port.in_basis.device).float() @ port.in_basis
-            mse = mse + relative_mse(z_t, z_s).to(mse.device) / len(ports)
+            mse = mse + relative_mse(z_t, z_s.to(z_t.device)).to(mse.device) / len(ports)
     return cfg.alpha * kl + cfg.beta * mse, kl, mse
+
+
+@contextlib.contextmanager
+def step_setup(source_inner, target, vocab: SharedVocab, target_blocks: list[str], cfg: LoopConfig):
+    """What every step runs inside: logits over the shared vocabulary only (both models), and the
+    target's blocks checkpointed when asked. Yields the columns to pass to `cast_loss`."""
+    with shared_logits(source_inner, vocab.ids_s) as cols_s, shared_logits(target, vocab.ids_t) as cols_t, \
+            checkpointed_blocks(target, target_blocks, cfg.checkpointing):
+        yield SharedVocab(cols_s, cols_t)
 
 
 def save_checkpoint(folder: Path, ports: list[tuple[PortedKernel, Site]], opt, state: LoopState) -> None:
@@ -167,7 +210,7 @@ def load_checkpoint(folder: Path, ports: list[tuple[PortedKernel, Site]], opt) -
 def fit_heads(source, source_inner, target, wrappers: list[CastLinear], ports: list[tuple[PortedKernel, Site]],
               make_batch: Callable[[int], PairBatch], vocab: SharedVocab, cfg: LoopConfig,
               workdir: Path | None = None, resume: bool = False, log: Callable[[dict], None] | None = None,
-              progress: bool = True) -> LoopState:
+              progress: bool = True, target_blocks: list[str] = (), cache: TeacherCache | None = None) -> LoopState:
     """Train the heads of `ports` for cfg.steps steps. Only head parameters get gradients."""
     if cfg.teacher not in TEACHERS:
         raise ValueError(f"unknown teacher {cfg.teacher!r}; choose one of {TEACHERS}")
@@ -180,48 +223,52 @@ def fit_heads(source, source_inner, target, wrappers: list[CastLinear], ports: l
             if folder.exists():
                 state = load_checkpoint(folder, ports, opt)
                 break
-    source_paths = [p.source_module for p, _ in ports]
     for port, _ in ports:
         port.record = cfg.beta > 0
     device = next(target.parameters()).device
+    # fp16 autocast needs loss scaling (its small gradients underflow); bf16 does not
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, desc="castlora", dynamic_ncols=True)
     updating = False
     try:
-        while state.step < cfg.steps:
-            t0 = time.perf_counter()
-            batch = make_batch(state.step).to(device)
-            loss, kl, mse = cast_loss(source, source_inner, target, wrappers, ports, batch, vocab, cfg,
-                                      source_paths)
-            for name, v in (("kl", kl), ("mse", mse)):
-                if not torch.isfinite(v):
-                    where = (f"The last good checkpoint is in {ckpt}: rerun with --resume to continue from it "
-                             "(perhaps with a lower --lr)" if ckpt and ckpt.exists() else
-                             "No checkpoint was saved before it: rerun, perhaps with a lower --lr")
-                    raise TrainingDiverged(f"the {name} loss became {v.item()} at step {state.step}; the heads "
-                                           f"were not updated. {where}")
-            for g in opt.param_groups:
-                g["lr"] = lr_at(state.step, cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            updating = True  # from here until the state says step+1, a checkpoint would be torn
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            dt = time.perf_counter() - t0
-            n_tok = int(batch.mask_t.sum())
-            state.step += 1
-            state.tokens_seen += n_tok
-            state.seconds += dt
-            updating = False
-            rec = {"step": state.step, "loss": round(loss.item(), 6), "kl": round(kl.item(), 6),
-                   "mse": round(mse.item(), 6), "lr": lr_at(state.step - 1, cfg),
-                   "aligned": batch.num_aligned, "tok_s": round(n_tok / dt, 1)}
-            state.history.append(rec)
-            bar.update(1)
-            bar.set_postfix(kl=f"{rec['kl']:.4f}", mse=f"{rec['mse']:.3f}", tok_s=f"{rec['tok_s']:.0f}")
-            if log and (state.step % cfg.log_every == 0 or state.step == cfg.steps):
-                log(rec)
-            if ckpt and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
-                save_checkpoint(ckpt, ports, opt, state)
+        with step_setup(source_inner, target, vocab, list(target_blocks), cfg) as cols:
+            while state.step < cfg.steps:
+                t0 = time.perf_counter()
+                batch = make_batch(state.step).to(device)
+                loss, kl, mse = cast_loss(source, source_inner, target, wrappers, ports, batch, cols, cfg,
+                                          cache, state.step)
+                for name, v in (("kl", kl), ("mse", mse)):
+                    if not torch.isfinite(v):
+                        where = (f"The last good checkpoint is in {ckpt}: rerun with --resume to continue from it "
+                                 "(perhaps with a lower --lr)" if ckpt and ckpt.exists() else
+                                 "No checkpoint was saved before it: rerun, perhaps with a lower --lr")
+                        raise TrainingDiverged(f"the {name} loss became {v.item()} at step {state.step}; the heads "
+                                               f"were not updated. {where}")
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(state.step, cfg)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                updating = True  # from here until the state says step+1, a checkpoint would be torn
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                dt = time.perf_counter() - t0
+                n_tok = int(batch.mask_t.sum())
+                state.step += 1
+                state.tokens_seen += n_tok
+                state.seconds += dt
+                updating = False
+                rec = {"step": state.step, "loss": round(loss.item(), 6), "kl": round(kl.item(), 6),
+                       "mse": round(mse.item(), 6), "lr": lr_at(state.step - 1, cfg),
+                       "aligned": batch.num_aligned, "tok_s": round(n_tok / dt, 1)}
+                state.history.append(rec)
+                bar.update(1)
+                bar.set_postfix(kl=f"{rec['kl']:.4f}", mse=f"{rec['mse']:.3f}", tok_s=f"{rec['tok_s']:.0f}")
+                if log and (state.step % cfg.log_every == 0 or state.step == cfg.steps):
+                    log(rec)
+                if ckpt and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
+                    save_checkpoint(ckpt, ports, opt, state)
     except KeyboardInterrupt:
         # Ctrl-C: keep the work done so far (SIGKILL falls back to the last periodic checkpoint).
         if ckpt and not updating and state.step > 0:

@@ -31,9 +31,10 @@ from .export import export_peft, module_factors
 from .families import UnsupportedArchitectureError, family_for, model_sites
 from .generate import sample_texts
 from .models import check_model_path, load_model, load_tokenizer, local_model_type
-from .safe_io import atomic_folder
+from .safe_io import atomic_folder, write_text_atomic
 from .site_map import cka_layer_map, map_sites, proportional_layer_map
 from .tokens import encode_pair, shared_vocab
+from .teacher_cache import TeacherCache, file_digest, text_digest
 from .train import LoopConfig, fit_heads
 
 MIN_ALIGNED_FRACTION = 0.2
@@ -113,8 +114,19 @@ def _training_texts(cfg, docs, tok_s, source, n_needed, log) -> tuple[list[str],
     info["general_chunks"] = max(0, len(general) - cfg.calib_batches * cfg.batch_size)
     if n_gen:
         t0 = time.perf_counter()
-        gen = sample_texts(source, tok_s, docs, n_gen, max_new_tokens=cfg.seq_len, top_k=cfg.top_k,
-                           seed=cfg.seed, progress=cfg.progress)
+        saved = Path(cfg.teacher_cache) / "generated.json" if cfg.teacher_cache else None
+        key = {"source": str(cfg.source), "adapter": file_digest(Path(cfg.adapter) / SAFETENSORS_NAME), "n": n_gen,
+               "seq_len": cfg.seq_len, "top_k": cfg.top_k, "seed": cfg.seed, "prompts": text_digest(docs)}
+        gen = None
+        if saved and saved.exists():
+            rec = json.loads(saved.read_text())
+            gen = rec["texts"] if rec.get("key") == key else None
+        if gen is None:
+            gen = sample_texts(source, tok_s, docs, n_gen, max_new_tokens=cfg.seq_len, top_k=cfg.top_k,
+                               seed=cfg.seed, progress=cfg.progress)
+            if saved:
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(saved, json.dumps({"key": key, "texts": gen}))
         info.update({"generated_texts": len(gen), "generated_chars": sum(map(len, gen)),
                      "generation_seconds": round(time.perf_counter() - t0, 1)})
         log(f"generated {len(gen)} texts ({info['generated_chars']} chars) in {info['generation_seconds']} s")
@@ -232,19 +244,33 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
 
     log(f"porting {len(ports)} kernels onto {len({s.path for _, s in ports})} target modules; "
         f"{sum(p.numel() for port, _ in ports for p in port.parameters())} head parameters")
-    history, state = [], None
+    history, state, teacher_info = [], None, None
     log_file = workdir / "train_log.jsonl"
     with attached(tgt, ports) as wrappers:
         if cfg.steps > 0:
+            amp = cfg.amp if cfg.amp != "auto" else ("bf16" if str(cfg.device).startswith("cuda") else "off")
             loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, alpha=cfg.alpha, beta=cfg.beta,
                               temperature=cfg.temperature, teacher=cfg.teacher,
-                              warmup=min(20, max(1, cfg.steps // 10)), checkpoint_every=cfg.checkpoint_every)
+                              warmup=min(20, max(1, cfg.steps // 10)), checkpoint_every=cfg.checkpoint_every,
+                              amp=amp, checkpointing=cfg.gradient_checkpointing)
+            cache = None
+            if cfg.teacher_cache:
+                cache = TeacherCache(cfg.teacher_cache, {
+                    "source": str(cfg.source), "adapter": file_digest(Path(cfg.adapter) / SAFETENSORS_NAME),
+                    "target": str(cfg.target) if cfg.teacher == "delta" else None, "teacher": cfg.teacher,
+                    "temperature": cfg.temperature, "dtype": cfg.dtype, "amp": amp,
+                    "vocab": text_digest([str(vocab.ids_s.tolist()), str(vocab.ids_t.tolist())]),
+                    "kernels": [p.source_module for p, _ in ports] if cfg.beta > 0 else None}, cfg.teacher_top_k)
             workdir.mkdir(parents=True, exist_ok=True)
             with log_file.open("a") as lf:
                 state = fit_heads(source, source_inner, tgt, wrappers, ports, make_batch, vocab, loop, workdir,
                                   cfg.resume, log=lambda r: (lf.write(json.dumps(r) + "\n"), lf.flush()),
-                                  progress=cfg.progress)
+                                  progress=cfg.progress, target_blocks=t_sites.layer_paths, cache=cache)
             history = state.history
+            if cache is not None:
+                teacher_info = {"teacher_cache": str(cfg.teacher_cache), "steps_read": cache.hits,
+                                "steps_computed": cache.misses}
+                log(f"teacher cache: {cache.hits} steps read, {cache.misses} computed")
         # Non-linear heads are exported by a least-squares fit on target activations.
         export_inputs = None
         if cfg.head != "linear":
@@ -264,7 +290,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
         "config": to_dict(cfg), "init": init_info, "loss_curve": history,
         "corpus_tokens_seen": state.tokens_seen if state else 0, "train_seconds": round(state.seconds, 2) if state else 0,
         "alignment": {"calibration_aligned_fraction": round(frac, 4), "shared_vocab": vocab.size},
-        "corpus_docs": len(docs), **gen_info, "export_fit_error": fit_errors,
+        "corpus_docs": len(docs), **gen_info, "teacher_cache": teacher_info, "export_fit_error": fit_errors,
         "exported_rank": max(a.shape[0] for a, _ in factors.values()),
         "hardware": {"device": cfg.device, "torch": torch.__version__, "platform": platform.platform(),
                      "threads": torch.get_num_threads()},

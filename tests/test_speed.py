@@ -1,0 +1,190 @@
+"""The step's speed and memory options change how it is computed, never what it computes:
+shared-vocabulary logits, checkpointed target blocks, autocast, and the precomputed teacher."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny
+from safetensors.torch import load_file
+from test_translate import QUIET, _make_lora, _ports, folders  # noqa: F401  (module fixture)
+
+import castlora
+from castlora.adapters import load_adapter
+from castlora.cast_module import attached
+from castlora.checkpointing import checkpointed_blocks
+from castlora.closed_form import random_init
+from castlora.errors import CastloraError
+from castlora.families import model_sites
+from castlora.losses import kl_divergence, topk_kl
+from castlora.site_map import proportional_layer_map
+from castlora.tokens import PairBatch, SharedVocab
+from castlora.train import LoopConfig, cast_loss, step_setup
+from castlora.vocab_head import SharedVocabHead, shared_logits
+
+IDS = torch.tensor([5, 3, 90, 17, 64, 2, 127])
+
+
+@pytest.mark.parametrize("model_type, extra", [
+    ("llama", {}), ("gpt_neox", {}), ("gpt2", {}), ("opt", {}), ("phi3", {}),
+    ("gemma2", {"final_logit_softcapping": 3.0}),  # elementwise after the head: still applies
+    ("llama", {"tie_word_embeddings": True}),
+])
+def test_shared_logits_equal_the_selected_columns(model_type, extra):
+    model = make_tiny(model_type, **extra)
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        head = model.get_output_embeddings()
+        with shared_logits(model, IDS) as cols:
+            assert cols is None and isinstance(model.get_output_embeddings(), SharedVocabHead)
+            part = model(input_ids=ids).logits
+    assert model.get_output_embeddings() is head  # restored
+    assert part.shape[-1] == len(IDS)
+    torch.testing.assert_close(part, full[..., IDS], rtol=1e-5, atol=1e-5)
+
+
+def test_shared_logits_fall_back_when_the_head_cannot_be_swapped():
+    model = make_tiny("llama")
+    model.set_output_embeddings(torch.nn.Sequential(model.get_output_embeddings()))  # not a plain Linear
+    with shared_logits(model, IDS) as cols:
+        assert cols is IDS  # the caller selects the columns itself
+
+
+def _batch(seed=0, b=3, length=20):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (b, length), generator=g)
+    mask = torch.ones_like(ids)
+    pos = torch.arange(length).expand(b, -1)
+    keep = torch.rand(b, length, generator=g) > 0.2  # some positions unaligned
+    return PairBatch(ids, mask, ids.clone(), mask.clone(), pos * keep, pos * keep, keep)
+
+
+@pytest.fixture
+def step_parts(tmp_path):
+    src = make_tiny("llama", 0)
+    pm = _make_lora(src, ["q_proj", "v_proj"], seed=0, std=0.5)
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    pm.requires_grad_(False)
+    inner = pm.base_model.model
+    tgt = make_tiny("gpt_neox", 1).requires_grad_(False)
+    t_sites = model_sites(tgt)
+    lora = load_adapter(str(tmp_path / "adapter"), model_sites(inner))
+    ports = _ports(lora.kernels, t_sites, proportional_layer_map(2, t_sites.num_layers))
+    random_init(ports, 0)
+    vocab = SharedVocab(torch.arange(3, 120), torch.arange(3, 120).flip(0))  # a permuted map
+    return pm, inner, tgt, t_sites, ports, vocab
+
+
+def _loss_and_grads(step_parts, cfg, restrict=True, cache=None, step=0):
+    pm, inner, tgt, t_sites, ports, vocab = step_parts
+    for port, _ in ports:
+        port.record = cfg.beta > 0
+        port.zero_grad(set_to_none=True)
+    batch = _batch()
+    with attached(tgt, ports) as wrappers:
+        if restrict:
+            with step_setup(inner, tgt, vocab, t_sites.layer_paths, cfg) as cols:
+                loss, kl, mse = cast_loss(pm, inner, tgt, wrappers, ports, batch, cols, cfg, cache, step)
+                loss.backward()
+        else:
+            loss, kl, mse = cast_loss(pm, inner, tgt, wrappers, ports, batch, vocab, cfg, cache, step)
+            loss.backward()
+    grads = [p.grad.clone() for port, _ in ports for p in port.parameters()]
+    return loss.detach(), kl.detach(), mse.detach(), grads
+
+
+@pytest.mark.parametrize("teacher", ["source", "delta"])
+def test_restricted_logits_and_checkpointing_leave_loss_and_gradients_unchanged(step_parts, teacher):
+    plain = _loss_and_grads(step_parts, LoopConfig(steps=1, teacher=teacher), restrict=False)
+    fast = _loss_and_grads(step_parts, LoopConfig(steps=1, teacher=teacher, checkpointing=True))
+    assert plain[1] > 1e-3 and plain[2] > 1e-3  # a real KL and MSE, not zeros
+    for a, b in zip(plain[:3], fast[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in zip(plain[3], fast[3]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in fast[3])
+
+
+def test_checkpointed_blocks_recompute_and_restore(monkeypatch):
+    model = make_tiny("llama")
+    paths = model_sites(model).layer_paths
+    block = model.get_submodule(paths[0])
+    calls = []
+    cls_forward = type(block).forward
+    monkeypatch.setattr(type(block), "forward", lambda self, *a, **k: (calls.append(1), cls_forward(self, *a, **k))[1])
+    x = model.get_input_embeddings()(torch.tensor([[4, 5, 6]])).detach().requires_grad_(True)
+    with checkpointed_blocks(model, paths[:1]):
+        assert "forward" in vars(block)
+        model(inputs_embeds=x).logits.sum().backward()
+    # both blocks run forward (the class is patched), and block 0 alone again in the backward pass
+    assert len(calls) == 3
+    assert "forward" not in vars(block)  # the class's forward again
+    grad_ckpt = x.grad.clone()
+    x.grad = None
+    model(inputs_embeds=x).logits.sum().backward()
+    assert len(calls) == 5  # no recomputation
+    torch.testing.assert_close(x.grad, grad_ckpt)
+    with torch.no_grad(), checkpointed_blocks(model, paths):
+        model(inputs_embeds=x)  # no grad: no checkpoint, one call per block
+    assert len(calls) == 7
+
+
+def test_bf16_autocast_step_runs_and_stays_close(step_parts):
+    plain = _loss_and_grads(step_parts, LoopConfig(steps=1))
+    amp = _loss_and_grads(step_parts, LoopConfig(steps=1, amp="bf16"))
+    assert torch.isfinite(amp[0])
+    assert abs(amp[1] - plain[1]) / plain[1] < 0.1  # bf16 keeps ~3 significant digits
+
+
+def test_topk_kl_is_a_lower_bound_that_becomes_the_full_kl():
+    g = torch.Generator().manual_seed(0)
+    lt = torch.log_softmax(torch.randn(6, 50, generator=g) * 2, -1)
+    ls = torch.log_softmax(torch.randn(6, 50, generator=g) * 2, -1).requires_grad_(True)
+    full = kl_divergence(lt, ls)
+    v, i = lt.topk(50, -1)
+    torch.testing.assert_close(topk_kl(v, i, ls), full, rtol=1e-4, atol=1e-5)
+    prev = 0.0
+    for k in (1, 5, 20, 50):  # more buckets, a finer partition: the bound rises to the full KL
+        v, i = lt.topk(k, -1)
+        kk = topk_kl(v, i, ls)
+        assert prev - 1e-5 <= kk.item() <= full.item() + 1e-5
+        prev = kk.item()
+    kk.backward()
+    assert torch.isfinite(ls.grad).all()
+    same = topk_kl(*lt.topk(10, -1), lt)
+    assert abs(same.item()) < 1e-5  # student == teacher
+
+
+def test_teacher_cache_is_filled_then_read_and_gives_the_same_heads(folders, tmp_path):  # noqa: F811
+    cache = tmp_path / "teacher"
+    opts = dict(steps=6, batch_size=2, seq_len=32, calib_batches=1, lr=1e-2, generate=4, mix=0.5,
+                teacher_cache=str(cache), teacher_top_k=64, **QUIET)
+
+    def run(out, **kw):
+        return castlora.translate(source=str(folders["llama"]), adapter=str(folders["adapter"]),
+                                  target=str(folders["neox"]), corpus=[str(folders["corpus"])], out=str(out),
+                                  **{**opts, **kw})
+
+    first = run(tmp_path / "a")
+    assert first.record["teacher_cache"]["steps_computed"] == 6 and first.record["teacher_cache"]["steps_read"] == 0
+    assert len(list(cache.glob("step_*.safetensors"))) == 6 and (cache / "generated.json").exists()
+    second = run(tmp_path / "b")
+    assert second.record["teacher_cache"]["steps_read"] == 6 and second.record["teacher_cache"]["steps_computed"] == 0
+    ha, hb = load_file(str(tmp_path / "a" / "heads.safetensors")), load_file(str(tmp_path / "b" / "heads.safetensors"))
+    assert ha.keys() == hb.keys()
+    for k in ha:
+        torch.testing.assert_close(ha[k], hb[k])
+    # other training options on the same teacher: allowed, and still read from the cache
+    third = run(tmp_path / "c", lr=5e-3, beta=0.5)
+    assert third.record["teacher_cache"]["steps_read"] == 6
+    # a different teacher must not reuse it
+    with pytest.raises(CastloraError, match="another teacher.*teacher"):
+        run(tmp_path / "d", teacher="source_base")
+    # another seed means other batches: caught by the fingerprint of step 0
+    with pytest.raises(CastloraError, match="another batch"):
+        run(tmp_path / "e", seed=1)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["top_k"] == 64 and manifest["teacher"] == "source"
