@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from castlora.cast_module import PortedKernel
-from castlora.closed_form import _solve
+from castlora.closed_form import RIDGE_GRID, _Fit, _solve
 from castlora.heads import LinearHead, MLPHead, make_head, reduced_rank_fit, ridge
 from castlora.losses import delta_teacher, kl_divergence, relative_mse, shared_log_probs
 
@@ -199,3 +199,32 @@ def test_relative_mse():
     assert relative_mse(10 * p, 10 * t).item() == pytest.approx(1.0 / 25.0)
     # a zero target does not divide by zero
     assert torch.isfinite(relative_mse(p, torch.zeros_like(t)))
+
+
+def test_cross_validated_ridge_error_matches_a_direct_held_out_evaluation():
+    rng = np.random.default_rng(3)
+    X = [rng.normal(size=(200, 6)) for _ in range(2)]
+    W = rng.normal(size=(4, 6))
+    Y = [x @ W.T + 0.5 * rng.normal(size=(200, 4)) for x in X]
+    fit = _Fit()
+    for k in (0, 1):
+        fit.update(k, torch.tensor(X[k]), torch.tensor(Y[k]))
+    lam = 1e-2
+    direct = 0.0
+    for a, b in ((0, 1), (1, 0)):
+        P = _solve(torch.tensor(X[a].T @ X[a]), torch.tensor(X[a].T @ Y[a]), lam).numpy()
+        direct += ((Y[b] - X[b] @ P.T) ** 2).sum()
+    direct /= sum((y ** 2).sum() for y in Y)
+    assert abs(fit.held_out_error(lam) - direct) < 1e-9
+    # noiseless and well-posed: the smallest penalty wins and the fit is exact
+    exact = _Fit()
+    for k in (0, 1):
+        exact.update(k, torch.tensor(X[k]), torch.tensor(X[k] @ W.T))
+    P, chosen, cv = exact.solve(None)
+    assert chosen == RIDGE_GRID[0] and cv < 1e-8
+    np.testing.assert_allclose(P.numpy(), W, atol=1e-5)
+    # pure noise: a large penalty wins (predicting ~0 beats fitting noise)
+    noise = _Fit()
+    for k in (0, 1):
+        noise.update(k, torch.tensor(X[k][:20]), torch.tensor(rng.normal(size=(20, 4))))
+    assert noise.solve(None)[1] >= 1e-1

@@ -31,22 +31,43 @@ def _module_out(module, x: torch.Tensor, rows) -> torch.Tensor:
     return y if rows is None else y[..., rows.to(y.device)]
 
 
-class _Stats:
+RIDGE_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+class _Fit:
+    """Gram statistics of one regression Y ~ X P^T, kept per fold for cross-validation."""
+
     def __init__(self):
-        self.g_in = self.xz = self.g_out = self.yy = None
-        self.n = 0
+        self.g = [0, 0]  # X^T X
+        self.c = [0, 0]  # X^T Y
+        self.yy = [0.0, 0.0]  # tr(Y^T Y)
 
-    @staticmethod
-    def _add(acc, m):
-        return m if acc is None else acc + m
+    def update(self, fold: int, x: torch.Tensor, y: torch.Tensor):
+        x, y = x.double(), y.double()
+        self.g[fold] = self.g[fold] + x.t() @ x
+        self.c[fold] = self.c[fold] + x.t() @ y
+        self.yy[fold] += float(y.pow(2).sum())
 
-    def update(self, x_t, z_s, y_s, y_t):
-        x_t, z_s, y_s, y_t = (t.double() for t in (x_t, z_s, y_s, y_t))
-        self.g_in = self._add(self.g_in, x_t.t() @ x_t)
-        self.xz = self._add(self.xz, x_t.t() @ z_s)
-        self.g_out = self._add(self.g_out, y_s.t() @ y_s)
-        self.yy = self._add(self.yy, y_s.t() @ y_t)
-        self.n += x_t.shape[0]
+    def held_out_error(self, lam: float) -> float:
+        """2-fold cross-validated relative error ||Y - X P^T||^2 / ||Y||^2 of the ridge fit."""
+        err = 0.0
+        for fit, test in ((0, 1), (1, 0)):
+            P = _solve(self.g[fit], self.c[fit], lam)
+            err += self.yy[test] - 2 * float((P * self.c[test].t()).sum()) + float(((P @ self.g[test]) * P).sum())
+        return err / max(sum(self.yy), 1e-30)
+
+    def solve(self, lam: float | None) -> tuple[torch.Tensor, float, float | None]:
+        """P on both folds; lam None = the grid value with the lowest held-out error."""
+        cv = None
+        if lam is None:
+            if isinstance(self.g[1], int):  # one fold only: nothing to validate on
+                lam = 1e-3
+            else:
+                errs = {x: self.held_out_error(x) for x in RIDGE_GRID}
+                lam = min(errs, key=errs.get)
+                cv = errs[lam]
+        g = self.g[0] + self.g[1]
+        return _solve(g, self.c[0] + self.c[1], lam), lam, cv
 
 
 def _solve(gram: torch.Tensor, cross: torch.Tensor, lam: float) -> torch.Tensor:
@@ -56,29 +77,48 @@ def _solve(gram: torch.Tensor, cross: torch.Tensor, lam: float) -> torch.Tensor:
 
 @torch.no_grad()
 def closed_form_init(ports: list[tuple[PortedKernel, Site]], source_inner, target, source_paths: list[str],
-                     batches, lam: float = 1e-2) -> dict:
-    """Set every port's heads to the ridge solution on `batches` (PairBatch list). Returns stats."""
-    stats = [_Stats() for _ in ports]
+                     batches, lam: float | None = None) -> dict:
+    """Set every port's heads to the ridge solution on `batches` (PairBatch list). Returns stats.
+
+    `lam` None (the default): each head's penalty is chosen from RIDGE_GRID by 2-fold
+    cross-validation (alternate batches, or alternate positions when there is one batch). The
+    right penalty differs by orders of magnitude: near zero when source and target are the same
+    model (the fit must be the identity), larger across families where the relation is noisy.
+    """
+    fits = [(_Fit(), _Fit()) for _ in ports]
     tgt_paths = [site.path for _, site in ports]
-    for batch in batches:
+    n = 0
+    for b_idx, batch in enumerate(batches):
         with capture(source_inner, inputs=source_paths) as cs:
             source_inner(input_ids=batch.ids_s, attention_mask=batch.mask_s)
         with capture(target, inputs=tgt_paths) as ct:
             target(input_ids=batch.ids_t, attention_mask=batch.mask_t)
-        for (port, site), spath, st in zip(ports, source_paths, stats):
+        for (port, site), spath, (f_in, f_out) in zip(ports, source_paths, fits):
             src_mod, tgt_mod = source_inner.get_submodule(spath), target.get_submodule(site.path)
             x_s = gather_aligned(cs.inputs[spath], batch.pos_s, batch.pos_mask)
             x_t = gather_aligned(ct.inputs[site.path], batch.pos_t, batch.pos_mask)
             y_s = _module_out(src_mod, x_s, port.source_rows).float()
             y_t = _module_out(tgt_mod, x_t, site.rows).float()
             dev = port.in_basis.device  # statistics live with the port (the target module's device)
-            st.update(x_t.float().to(dev), x_s.float().to(dev) @ port.in_basis, y_s.to(dev), y_t.to(dev))
-    for (port, site), st in zip(ports, stats):
-        p_in = _solve(st.g_in, st.xz, lam)  # r x d_in_T
-        p_out_full = _solve(st.g_out, st.yy, lam)  # d_out_T x d_out_S
+            x_t, z_s, y_s, y_t = x_t.float().to(dev), x_s.float().to(dev) @ port.in_basis, y_s.to(dev), y_t.to(dev)
+            if len(batches) > 1:
+                folds = [(b_idx % 2, slice(None))]
+            else:
+                folds = [(0, slice(0, None, 2)), (1, slice(1, None, 2))]
+            for fold, rows in folds:
+                f_in.update(fold, x_t[rows], z_s[rows])
+                f_out.update(fold, y_s[rows], y_t[rows])
+        n += int(batch.pos_mask.sum())
+    chosen = []
+    for (port, _), (f_in, f_out) in zip(ports, fits):
+        p_in, lam_in, cv_in = f_in.solve(lam)  # r x d_in_T
+        p_out_full, lam_out, cv_out = f_out.solve(lam)  # d_out_T x d_out_S
         port.p_in.linear_part().copy_(p_in.float())
         port.p_out.linear_part().copy_((p_out_full @ port.out_basis.double()).float())
-    return {"calibration_positions": stats[0].n if stats else 0, "ridge": lam}
+        chosen.append({"kernel": port.source_key, "ridge_in": lam_in, "ridge_out": lam_out,
+                       "cv_error_in": None if cv_in is None else round(cv_in, 5),
+                       "cv_error_out": None if cv_out is None else round(cv_out, 5)})
+    return {"calibration_positions": n, "ridge": lam if lam is not None else "cross-validated", "heads": chosen}
 
 
 @torch.no_grad()

@@ -38,7 +38,8 @@ class TranslateConfig:
     head: str = opt("linear", "head type", ("linear", "mlp"))
     layer_map: str = opt("proportional", "source->target layer map", ("proportional", "cka"))
     init: str = opt("closed-form", "head initialisation", ("closed-form", "random"))
-    ridge: float = opt(1e-2, "relative ridge penalty of the closed-form start")
+    ridge: float = opt(-1.0, "relative ridge penalty of the closed-form start; -1 = chosen per head by 2-fold "
+                             "cross-validation on the calibration text")
     calib_batches: int = opt(4, "batches of activations for the closed-form start and the CKA map")
     generate: int = opt(-1, "sample this many texts from source+LoRA and train on them (no task data); "
                             "-1 = auto (--mix of the training texts), 0 = general text only")

@@ -214,8 +214,8 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
         acc_s, acc_t = [[] for _ in s_paths], [[] for _ in t_paths]
         with torch.no_grad():
             for b in calib:
-                with capture(source_inner, outputs=s_paths) as cs:
-                    source(input_ids=b.ids_s, attention_mask=b.mask_s)
+                with capture(source_inner, outputs=s_paths) as cs, source.disable_adapter():
+                    source(input_ids=b.ids_s, attention_mask=b.mask_s)  # base to base, like the heads
                 with capture(tgt, outputs=t_paths) as ct:
                     tgt(input_ids=b.ids_t, attention_mask=b.mask_t)
                 for i, p in enumerate(s_paths):
@@ -237,7 +237,12 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
         init_info = {"transfer": "weight-space"}
         cfg.steps = 0
     elif cfg.init == "closed-form":
-        init_info = closed_form_init(ports, source_inner, tgt, [p.source_module for p, _ in ports], calib, cfg.ridge)
+        # The heads map between the *base* models' spaces: with the LoRA on, the source's activations
+        # downstream of its first adapted layer carry the LoRA's own effect, which the base target
+        # cannot predict (on llama->llama that alone made the fit miss the identity by >100%).
+        with source.disable_adapter():
+            init_info = closed_form_init(ports, source_inner, tgt, [p.source_module for p, _ in ports], calib,
+                                         None if cfg.ridge < 0 else cfg.ridge)
     else:
         random_init(ports, cfg.seed)
         init_info = {"random_seed": cfg.seed}
