@@ -57,19 +57,20 @@ def _batch(seed=0, b=3, length=20):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 128, (b, length), generator=g)
     mask = torch.ones_like(ids)
+    mask[0, -4:] = 0  # right padding, as in real batches (an attention mask the model must use)
     pos = torch.arange(length).expand(b, -1)
-    keep = torch.rand(b, length, generator=g) > 0.2  # some positions unaligned
+    keep = (torch.rand(b, length, generator=g) > 0.2) & mask.bool()  # some positions unaligned
     return PairBatch(ids, mask, ids.clone(), mask.clone(), pos * keep, pos * keep, keep)
 
 
-@pytest.fixture
-def step_parts(tmp_path):
+@pytest.fixture(params=["gpt_neox", "mistral"])
+def step_parts(tmp_path, request):
     src = make_tiny("llama", 0)
     pm = _make_lora(src, ["q_proj", "v_proj"], seed=0, std=0.5)
     pm.save_pretrained(str(tmp_path / "adapter"))
     pm.requires_grad_(False)
     inner = pm.base_model.model
-    tgt = make_tiny("gpt_neox", 1).requires_grad_(False)
+    tgt = make_tiny(request.param, 1).requires_grad_(False)
     t_sites = model_sites(tgt)
     lora = load_adapter(str(tmp_path / "adapter"), model_sites(inner))
     ports = _ports(lora.kernels, t_sites, proportional_layer_map(2, t_sites.num_layers))

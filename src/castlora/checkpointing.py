@@ -24,6 +24,11 @@ def checkpointed_blocks(model: nn.Module, block_paths: list[str], enabled: bool 
         yield
         return
     blocks = [model.get_submodule(p) for p in block_paths]
+    # A KV cache would be appended to twice (forward, then recomputation): keys of double length.
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    if config is not None:
+        config.use_cache = False
     for block in blocks:
         original = block.forward
 
@@ -40,3 +45,5 @@ def checkpointed_blocks(model: nn.Module, block_paths: list[str], enabled: bool 
     finally:
         for block in blocks:
             del block.forward
+        if config is not None:
+            config.use_cache = use_cache
