@@ -189,3 +189,17 @@ def test_teacher_cache_is_filled_then_read_and_gives_the_same_heads(folders, tmp
         run(tmp_path / "e", seed=1)
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["top_k"] == 64 and manifest["teacher"] == "source"
+
+
+def test_a_damaged_teacher_cache_file_is_named_not_used(folders, tmp_path):  # noqa: F811
+    cache = tmp_path / "teacher"
+    opts = dict(steps=2, batch_size=2, seq_len=32, calib_batches=1, generate=0, teacher_cache=str(cache), **QUIET)
+    run = lambda out: castlora.translate(source=str(folders["llama"]), adapter=str(folders["adapter"]),  # noqa: E731
+                                         target=str(folders["neox"]), corpus=[str(folders["corpus"])],
+                                         out=str(out), **opts)
+    run(tmp_path / "a")
+    step1 = cache / "step_000001.safetensors"
+    step1.write_bytes(step1.read_bytes()[:100])  # truncated, as by a full disk or a copy cut short
+    with pytest.raises(CastloraError, match="step_000001.safetensors is not a readable teacher-cache file"):
+        run(tmp_path / "b")
+    assert not (tmp_path / "b").exists()

@@ -13,7 +13,7 @@ and DIR/step_NNNNNN.safetensors, each written to a temporary name and renamed, s
 run leaves only whole files. Each step file records a fingerprint of its batch: a changed corpus,
 seed or batch size is caught on read.
 
-Disk per step: aligned positions x (6 * top_k + 2 * r * kernels) bytes, e.g. 1k positions,
+Disk per step: aligned positions x (8 * top_k + 2 * r * kernels) bytes, e.g. 1k positions,
 top-k 128, 12 rank-8 kernels: 1 MB.
 """
 
@@ -108,16 +108,20 @@ class TeacherCache:
         if not path.exists():
             self.misses += 1
             return None
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("batch") != batch_fingerprint(batch):
-                raise CastloraError(
-                    f"{path} was computed on another batch than step {step} of this run (the corpus, seed, "
-                    "batch size, sequence length or generated text changed). Use a new --teacher-cache folder")
-            n = int(meta["ports"])
-            out = TeacherOutput(values=f.get_tensor("values"), index=f.get_tensor("index"),
-                                z=[f.get_tensor(f"z.{i}").float() for i in range(n)] if n >= 0 and "z.0" in f.keys()
-                                else None)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # truncated or foreign file: say which, never train on it
+            raise CastloraError(f"{path} is not a readable teacher-cache file ({e}). Delete it (it is recomputed) "
+                                "or use a new --teacher-cache folder") from e
+        if meta.get("batch") != batch_fingerprint(batch):
+            raise CastloraError(
+                f"{path} was computed on another batch than step {step} of this run (the corpus, seed, "
+                "batch size, sequence length or generated text changed). Use a new --teacher-cache folder")
+        n = int(meta.get("ports", -1))
+        out = TeacherOutput(values=tensors["values"], index=tensors["index"],
+                            z=[tensors[f"z.{i}"].float() for i in range(n)] if n > 0 else None)
         self.hits += 1
         return out
 
