@@ -203,3 +203,16 @@ def test_a_damaged_teacher_cache_file_is_named_not_used(folders, tmp_path):  # n
     with pytest.raises(CastloraError, match="step_000001.safetensors is not a readable teacher-cache file"):
         run(tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_translate_with_autocast_trains_and_exports(folders, tmp_path, amp):  # noqa: F811
+    """The whole loop under autocast (fp16 with its loss scaler) on CPU: finite losses, a loadable adapter."""
+    res = castlora.translate(source=str(folders["llama"]), adapter=str(folders["adapter"]),
+                             target=str(folders["neox"]), corpus=[str(folders["corpus"])], out=str(tmp_path / amp),
+                             steps=3, batch_size=2, seq_len=32, calib_batches=1, generate=0, amp=amp,
+                             gradient_checkpointing=True, **QUIET)
+    curve = res.record["loss_curve"]
+    assert len(curve) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in curve)
+    assert res.record["config"]["amp"] == amp and res.record["config"]["gradient_checkpointing"]
+    assert (tmp_path / amp / "adapter_model.safetensors").exists()
