@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .baselines.weight_space import weight_space_factors
-from .adapters import SAFETENSORS_NAME, load_adapter, read_adapter_folder
+from .adapters import PICKLE_NAMES, SAFETENSORS_NAME, load_adapter, read_adapter_folder
 from .cast_module import PortedKernel, attached
 from .closed_form import closed_form_init, gather_aligned, random_init
 from .capture import capture
@@ -99,6 +99,14 @@ def _source_with_adapter(cfg: TranslateConfig, source):
     return model
 
 
+def _adapter_digest(folder: str) -> str:
+    """sha256 of the adapter's weights file (safetensors, or the pickle the user allowed)."""
+    for name in (SAFETENSORS_NAME, *PICKLE_NAMES):
+        if (Path(folder) / name).is_file():
+            return file_digest(Path(folder) / name)
+    return ""
+
+
 def _training_texts(cfg, docs, tok_s, source, n_needed, log) -> tuple[list[str], dict]:
     """Chunks of general text, mixed with text sampled from source+LoRA when --generate is set."""
     info = {}
@@ -115,8 +123,9 @@ def _training_texts(cfg, docs, tok_s, source, n_needed, log) -> tuple[list[str],
     if n_gen:
         t0 = time.perf_counter()
         saved = Path(cfg.teacher_cache) / "generated.json" if cfg.teacher_cache else None
-        key = {"source": str(cfg.source), "adapter": file_digest(Path(cfg.adapter) / SAFETENSORS_NAME), "n": n_gen,
-               "seq_len": cfg.seq_len, "top_k": cfg.top_k, "seed": cfg.seed, "prompts": text_digest(docs)}
+        key = {"source": str(cfg.source), "adapter": _adapter_digest(cfg.adapter), "n": n_gen,
+               "seq_len": cfg.seq_len, "top_k": cfg.top_k, "seed": cfg.seed,
+               "prompts": text_digest(docs)} if saved else None
         gen = None
         if saved and saved.exists():
             rec = json.loads(saved.read_text())
@@ -261,7 +270,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
             cache = None
             if cfg.teacher_cache:
                 cache = TeacherCache(cfg.teacher_cache, {
-                    "source": str(cfg.source), "adapter": file_digest(Path(cfg.adapter) / SAFETENSORS_NAME),
+                    "source": str(cfg.source), "adapter": _adapter_digest(cfg.adapter),
                     "target": str(cfg.target) if cfg.teacher == "delta" else None, "teacher": cfg.teacher,
                     "temperature": cfg.temperature, "dtype": cfg.dtype, "amp": amp,
                     "vocab": text_digest([str(vocab.ids_s.tolist()), str(vocab.ids_t.tolist())]),
