@@ -6,8 +6,9 @@ import json
 import math
 
 from castlora.bench.report import markdown_table, plot_gap
-from castlora.bench.tasks import make_facts, make_greet
+from castlora.bench.tasks import make_echo, make_facts, make_greet
 from castlora.evaluate import retention
+from conftest import shared_path
 
 
 def _read(path):
@@ -37,6 +38,17 @@ def test_greet_test_names_unseen():
     train_names = {r["prompt"][6:-3] for r in train}
     assert len(test) == 100 and not any(r["prompt"][6:-3] in train_names for r in test)
     assert all(r["completion"] == f" Hello, {r['prompt'][6:-3]}! Welcome to the club." for r in test)
+
+
+def test_echo_words_are_real_unseen_and_deterministic(tmp_path):
+    shared = shared_path("data", "general").parents[1]
+    a, b = make_echo(tmp_path / "a", shared), make_echo(tmp_path / "b", shared)
+    assert a.train.read_bytes() == b.train.read_bytes() and a.test.read_bytes() == b.test.read_bytes()
+    train, test = _read(a.train), _read(a.test)
+    word = lambda r: r["prompt"][len("Say "):-len(" three times ->")]  # noqa: E731
+    assert len(train) == 400 and len(test) == 100
+    assert not {word(r) for r in test} & {word(r) for r in train}
+    assert all(r["completion"] == f" {word(r)} {word(r)} {word(r)}." and word(r).isalpha() for r in test)
 
 
 def test_retention_arithmetic():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,30 @@ def make_greet(folder: Path, seed: int = 0, n_train: int = 400, n_test: int = 10
     return Task("greet", "exact", folder / "greet" / "train.jsonl", folder / "greet" / "test.jsonl")
 
 
+def _common_words(shared: Path, lo: int = 300, hi: int = 3000) -> list[str]:
+    """Lower-case words of 4-8 letters ranked lo..hi by frequency in the general corpus (sorted, so
+    the list is a pure function of the corpus)."""
+    from collections import Counter
+
+    from ..corpus import read_documents
+    counts = Counter(w for doc in read_documents(shared / "data" / "general" / "valid.txt.gz")
+                     for w in re.findall(r"\b[a-z]{4,8}\b", doc))
+    ranked = sorted(counts, key=lambda w: (-counts[w], w))
+    return sorted(ranked[lo:hi])
+
+
+def make_echo(folder: Path, shared: Path, seed: int = 0, n_train: int = 400, n_test: int = 100) -> Task:
+    """A skill with copying of *known* words: "Say WORD three times ->" -> " WORD WORD WORD."
+    The test words are common English words never seen in training."""
+    rng = random.Random(seed + 2)
+    words = _common_words(shared)
+    rng.shuffle(words)
+    fmt = lambda w: {"prompt": f"Say {w} three times ->", "completion": f" {w} {w} {w}."}  # noqa: E731
+    _write_jsonl(folder / "echo" / "train.jsonl", [fmt(w) for w in words[:n_train]])
+    _write_jsonl(folder / "echo" / "test.jsonl", [fmt(w) for w in words[n_train:n_train + n_test]])
+    return Task("echo", "exact", folder / "echo" / "train.jsonl", folder / "echo" / "test.jsonl")
+
+
 def get_task(name: str, shared: Path, folder: Path, seed: int = 0) -> Task:
     if name in ("shakespeare", "kjv"):
         d = shared / "data" / "domains" / name
@@ -84,4 +109,6 @@ def get_task(name: str, shared: Path, folder: Path, seed: int = 0) -> Task:
         return make_facts(folder, seed)
     if name == "greet":
         return make_greet(folder, seed)
-    raise ValueError(f"unknown task {name!r}; choose from shakespeare, kjv, facts, greet")
+    if name == "echo":
+        return make_echo(folder, shared, seed)
+    raise ValueError(f"unknown task {name!r}; choose from shakespeare, kjv, greet, echo, facts")
