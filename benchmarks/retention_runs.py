@@ -1,0 +1,27 @@
+"""The bench runs of docs/results.md (session 2), by name. Each writes results.json, results.md and
+gap_recovered.png into runs/NAME; LoRAs are cached in runs/NAME/loras.
+
+  OMP_NUM_THREADS=1 python benchmarks/retention_runs.py m6
+"""
+
+import sys
+
+from castlora.bench import BenchConfig, bench
+
+GEN = ["cast0", "random_heads", "weight_space", "cast_source_gen", "imitation_gen"]
+RUNS = {
+    # shakespeare llama->mistral after the CAST-0 fix, the session-1 recipe (150 steps)
+    "m5": dict(pairs=["llama->mistral"], tasks=["shakespeare"], methods=["cast0", "cast_source_gen", "imitation_gen"],
+               cast_steps=150, generate=400),
+    # the steps lever: 400 steps, the generated share kept at 1/3 of the stream
+    "m6": dict(pairs=["llama->mistral"], tasks=["shakespeare"], methods=["cast_source_gen", "imitation_gen"],
+               cast_steps=400, generate=1067),
+    # greet over the five pairs (exact-task LoRA recipe: BenchConfig.exact_lora_*)
+    "m7": dict(pairs=["llama->llama", "llama->mistral", "mistral->llama", "neox->llama", "llama->neox"],
+               tasks=["greet"], methods=GEN, cast_steps=100, generate=400),
+    # kjv llama->mistral, the shakespeare recipe
+    "m8": dict(pairs=["llama->mistral"], tasks=["kjv"], methods=GEN + ["cast_delta_gen"], cast_steps=150, generate=400),
+}
+
+name = sys.argv[1]
+bench(BenchConfig(out=f"runs/{name}", lora_steps=150, batch_size=8, seq_len=128, eval_tokens=30000, **RUNS[name]))
