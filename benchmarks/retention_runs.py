@@ -21,6 +21,8 @@ RUNS = {
                tasks=["greet"], methods=GEN, cast_steps=100, generate=400),
     # kjv llama->mistral, the shakespeare recipe
     "m8": dict(pairs=["llama->mistral"], tasks=["kjv"], methods=GEN + ["cast_delta_gen"], cast_steps=150, generate=400),
+    # echo: the sanity pair and llama->neox (neox's echo LoRA learns it best)
+    "m9": dict(pairs=["llama->llama", "llama->neox"], tasks=["echo"], methods=GEN, cast_steps=100, generate=400),
 }
 
 name = sys.argv[1]
