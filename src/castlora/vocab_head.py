@@ -50,6 +50,9 @@ def shared_logits(model: nn.Module, ids: torch.Tensor) -> Iterator[torch.Tensor 
         yield ids
         return
     head = model.get_output_embeddings()
+    if ids.numel() == head.weight.shape[0] and torch.equal(ids.cpu(), torch.arange(ids.numel())):
+        yield None  # one tokenizer on both sides: every column, in order; nothing to swap or copy
+        return
     model.set_output_embeddings(SharedVocabHead(head, ids))
     try:
         yield None
