@@ -23,6 +23,20 @@ RUNS = {
     "m8": dict(pairs=["llama->mistral"], tasks=["kjv"], methods=GEN + ["cast_delta_gen"], cast_steps=150, generate=400),
     # echo: the sanity pair and llama->neox (neox's echo LoRA learns it best)
     "m9": dict(pairs=["llama->llama", "llama->neox"], tasks=["echo"], methods=GEN, cast_steps=100, generate=400),
+    # session 3: the rest of the shakespeare matrix (m10-m12) and kjv on two more pairs (m13); the
+    # shakespeare LoRAs are those of m1/m2 (same recipe and seed), copied into runs/NAME/loras
+    "m10": dict(pairs=["llama->neox"], tasks=["shakespeare"], methods=GEN + ["cast_delta_gen"], cast_steps=150,
+                generate=400),
+    "m11": dict(pairs=["mistral->llama", "neox->llama"], tasks=["shakespeare"], methods=GEN, cast_steps=150,
+                generate=400),
+    "m12": dict(pairs=["llama->llama"], tasks=["shakespeare"], methods=GEN, cast_steps=150, generate=400),
+    "m13": dict(pairs=["llama->neox", "mistral->llama"], tasks=["kjv"], methods=GEN, cast_steps=150, generate=400),
+    # the exact-match recipe chosen on validation (benchmarks/exact_levers.py): zero-delta start, delta
+    # teacher, lr 1e-2, with its imitation control; LoRAs copied from m7 (greet) and m9 (echo)
+    "m14": dict(pairs=["llama->mistral", "mistral->llama", "neox->llama", "llama->neox"], tasks=["greet"],
+                methods=["cast_delta_gen_zd", "imitation_gen_zd"], cast_steps=100, generate=400),
+    "m15": dict(pairs=["llama->neox"], tasks=["echo"], methods=["cast_delta_gen_zd", "imitation_gen_zd"],
+                cast_steps=100, generate=400),
 }
 
 name = sys.argv[1]

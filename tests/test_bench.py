@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import torch
+
 from castlora.bench.report import markdown_table, plot_gap
 from castlora.bench.tasks import make_echo, make_facts, make_greet
 from castlora.evaluate import retention
@@ -71,3 +73,41 @@ def test_report_table_and_chart(tmp_path):
     assert "| **mean** |" in md and "0.860 / 0.650" in md
     plot_gap({"rows": rows}, tmp_path / "g.png")
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_completion_loss_is_the_mean_loss_of_the_completion_tokens(tiny, zoo):
+    """The graded score of exact-match tasks: batched and right-padded, it must equal the loss of
+    each completion (EOS included) given its prompt, computed one unpadded example at a time."""
+    from transformers import AutoTokenizer
+
+    from castlora.evaluate import completion_example, completion_loss
+    tok = AutoTokenizer.from_pretrained(zoo("llama"))
+    model = tiny("llama", vocab_size=len(tok))
+    examples = [{"prompt": "Greet Kalo ->", "completion": " Hello, Kalo! Welcome to the club."},
+                {"prompt": "Say house three times ->", "completion": " house house house."},
+                {"prompt": "Q: Which town is home to Mirentas? A:", "completion": " Ashford"}]
+    total, count = 0.0, 0
+    for e in examples:
+        ids, labels = completion_example(tok, e)
+        n_prompt = labels.count(-100)
+        assert ids[n_prompt:] == labels[n_prompt:] and ids[-1] == tok.eos_token_id
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        total -= sum(float(logp[i - 1, ids[i]]) for i in range(n_prompt, len(ids)))
+        count += len(ids) - n_prompt
+    got = completion_loss(model, tok, examples, batch_size=2)
+    assert got["tokens"] == count
+    assert math.isclose(got["completion_loss"], total / count, rel_tol=1e-5)
+
+
+def test_report_adds_the_graded_table_for_exact_tasks():
+    rows = [{"pair": "a->b", "task": "g", "method": "base", "accuracy": 0.0, "ratio": 0.0, "gap_recovered": 0.0,
+             "completion_loss": 6.0, "completion_gap_recovered": 0.0},
+            {"pair": "a->b", "task": "g", "method": "retrained", "accuracy": 0.5, "ratio": 1.0, "gap_recovered": 1.0,
+             "completion_loss": 1.0, "completion_gap_recovered": 1.0},
+            {"pair": "a->b", "task": "g", "method": "cast_source_gen", "accuracy": 0.0, "ratio": 0.0,
+             "gap_recovered": 0.0, "completion_loss": 5.0, "completion_gap_recovered": 0.2}]
+    md = markdown_table({"rows": rows})
+    assert "| a->b | g | 6.000 | 1.000 | 0.200 |" in md.split("graded")[1]
+    lm_only = [{k: v for k, v in r.items() if not k.startswith("completion")} for r in rows]
+    assert "graded" not in markdown_table({"rows": lm_only})

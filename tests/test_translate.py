@@ -416,3 +416,26 @@ def test_closed_form_on_the_same_model_is_the_identity(folders, tmp_path):
     # and the port reproduces the change; not exactly: this random W_q has a near-null output direction
     # (eigenvalue 4e-4 of its output Gram vs ~1e3 for its inputs), in which no regression can see the identity
     assert (got - want).norm() / (want - base).norm() < 0.1
+
+
+def test_zero_delta_start_is_the_target_base_and_then_learns(folders, tmp_path):
+    """init=zero-delta: CAST-0's input heads, zero output heads. With no step the exported adapter
+    leaves the target exactly as it was; after a few steps the output heads have moved (the
+    gradient reaches them through the input heads) and the KL falls."""
+    ids = _ids(32000, seed=4)
+    base = _logits(load_model(str(folders["llama"])), ids)
+    out0 = tmp_path / "zd0"
+    res = castlora.translate(source=str(folders["llama"]), adapter=str(folders["adapter"]), target=str(folders["llama"]),
+                             corpus=[str(folders["corpus"])], out=str(out0), steps=0, init="zero-delta",
+                             batch_size=4, seq_len=48, **QUIET)
+    assert res.record["init"]["zero_output_heads"] is True
+    got0 = _logits(PeftModel.from_pretrained(load_model(str(folders["llama"])), str(out0)).eval(), ids)
+    assert torch.equal(got0, base)
+    out = tmp_path / "zd"
+    res = castlora.translate(source=str(folders["llama"]), adapter=str(folders["adapter"]), target=str(folders["llama"]),
+                             corpus=[str(folders["corpus"])], out=str(out), steps=12, init="zero-delta", lr=1e-2,
+                             batch_size=4, seq_len=48, generate=0, **QUIET)
+    curve = res.record["loss_curve"]
+    assert curve[-1]["kl"] < curve[0]["kl"]
+    got = _logits(PeftModel.from_pretrained(load_model(str(folders["llama"])), str(out)).eval(), ids)
+    assert (got - base).norm() / base.norm() > 1e-4

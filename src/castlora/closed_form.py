@@ -131,4 +131,12 @@ def random_init(ports: list[tuple[PortedKernel, Site]], seed: int = 0) -> None:
             w.copy_(torch.randn(w.shape, generator=g) / w.shape[1] ** 0.5)
 
 
-__all__ = ["closed_form_init", "random_init", "gather_aligned", "ridge"]
+@torch.no_grad()
+def zero_output_heads(ports: list[tuple[PortedKernel, Site]]) -> None:
+    """Output heads to zero (MLP heads' residual branch is zero already): the ported delta is zero,
+    and the gradient still reaches the output heads through the input heads' features."""
+    for port, _ in ports:
+        port.p_out.linear_part().zero_()
+
+
+__all__ = ["closed_form_init", "random_init", "zero_output_heads", "gather_aligned", "ridge"]

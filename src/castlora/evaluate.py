@@ -86,6 +86,42 @@ def text_loss(model, tokenizer, docs: list[str], seq_len: int = 256, batch_size:
 
 
 @torch.no_grad()
+def completion_example(tokenizer, example: dict) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of a prompt/completion example: the prompt with the model's special
+    tokens, then the completion and EOS; labels are -100 on the prompt (no loss there)."""
+    p = tokenizer(example["prompt"], add_special_tokens=True)["input_ids"]
+    c = tokenizer(example["completion"], add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        c = c + [tokenizer.eos_token_id]
+    return p + c, [-100] * len(p) + c
+
+
+@torch.no_grad()
+def completion_loss(model, tokenizer, examples: list[dict], batch_size: int = 16) -> dict:
+    """Mean loss per completion token given the prompt (teacher-forced; EOS included): the graded
+    companion of exact match. An exact-match score of 0 can hide a port that made the right
+    completion much likelier; this shows it."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        pairs = [completion_example(tokenizer, e) for e in examples[i:i + batch_size]]
+        width = max(len(ids) for ids, _ in pairs)
+        ids = torch.full((len(pairs), width), pad, dtype=torch.long)
+        labels = torch.full_like(ids, -100)
+        mask = torch.zeros_like(ids)
+        for b, (x, y) in enumerate(pairs):
+            ids[b, :len(x)], labels[b, :len(y)], mask[b, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten().to(device),
+                                                 ignore_index=-100, reduction="sum")
+        total += float(loss)
+        count += int((labels[:, 1:] != -100).sum())
+    if count == 0:
+        raise CastloraError("the examples have no completion tokens to score")
+    return {"completion_loss": total / count, "tokens": count}
+
+
 def exact_match(model, tokenizer, examples: list[dict], batch_size: int = 16, max_new_tokens: int | None = None) -> dict:
     device = next(model.parameters()).device
     old = tokenizer.padding_side

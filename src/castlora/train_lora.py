@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .corpus import read_documents
-from .evaluate import is_examples_file, load_examples, text_windows
+from .evaluate import completion_example, is_examples_file, load_examples, text_windows
 from .families import model_sites
 from .models import load_model, load_tokenizer
 from .safe_io import atomic_folder
@@ -25,12 +25,8 @@ def _lm_examples(tok, data: list[str], seq_len: int) -> list[tuple[list[int], li
     for path in data:
         if is_examples_file(path):
             for e in load_examples(path):
-                p = tok(e["prompt"], add_special_tokens=True)["input_ids"]
-                c = tok(e["completion"], add_special_tokens=False)["input_ids"]
-                if tok.eos_token_id is not None:
-                    c = c + [tok.eos_token_id]
-                ids = (p + c)[:seq_len]
-                examples.append((ids, ([-100] * len(p) + c)[:seq_len]))
+                ids, labels = completion_example(tok, e)
+                examples.append((ids[:seq_len], labels[:seq_len]))
         else:
             for w in text_windows(tok, read_documents(path), seq_len - 1):
                 examples.append((w, list(w)))

@@ -22,7 +22,7 @@ from . import __version__
 from .baselines.weight_space import weight_space_factors
 from .adapters import PICKLE_NAMES, SAFETENSORS_NAME, load_adapter, read_adapter_folder
 from .cast_module import PortedKernel, attached
-from .closed_form import closed_form_init, gather_aligned, random_init
+from .closed_form import closed_form_init, gather_aligned, random_init, zero_output_heads
 from .capture import capture
 from .config import TranslateConfig, build, to_dict
 from .corpus import check_corpus_path, make_chunks, read_corpus
@@ -245,13 +245,19 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
     if cfg.transfer == "weight-space":
         init_info = {"transfer": "weight-space"}
         cfg.steps = 0
-    elif cfg.init == "closed-form":
+    elif cfg.init in ("closed-form", "zero-delta"):
         # The heads map between the *base* models' spaces: with the LoRA on, the source's activations
         # downstream of its first adapted layer carry the LoRA's own effect, which the base target
         # cannot predict (on llama->llama that alone made the fit miss the identity by >100%).
         with source.disable_adapter():
             init_info = closed_form_init(ports, source_inner, tgt, [p.source_module for p, _ in ports], calib,
                                          None if cfg.ridge < 0 else cfg.ridge)
+        if cfg.init == "zero-delta":
+            # Across families CAST-0's delta can point the wrong way (below the base, docs/results.md);
+            # with the output heads at zero the port starts at the target base and the input heads
+            # still read what the source LoRA reads.
+            zero_output_heads(ports)
+            init_info["zero_output_heads"] = True
     else:
         random_init(ports, cfg.seed)
         init_info = {"random_seed": cfg.seed}

@@ -40,8 +40,28 @@ def markdown_table(table: dict) -> str:
     lines.append("| **mean** | | | | | " + " | ".join(
         f"{_fmt(sum(a for a, _ in means[m]) / len(means[m]))} / {_fmt(sum(b for _, b in means[m]) / len(means[m]))}"
         if means[m] else "" for m in methods) + " |")
-    return ("Cells: ratio / gap recovered. base / retrained: test loss (shakespeare, kjv) or exact-match "
-            "accuracy (facts, greet); LoRA gain = |base - retrained|, flagged below 0.05.\n\n") + "\n".join(lines) + "\n"
+    text = ("Cells: ratio / gap recovered. base / retrained: test loss (shakespeare, kjv) or exact-match "
+            "accuracy (greet, echo, facts); LoRA gain = |base - retrained|, flagged below 0.05.\n\n") + "\n".join(lines) + "\n"
+    return text + _completion_table(rows, methods)
+
+
+def _completion_table(rows: list[dict], methods: list[str]) -> str:
+    """Exact-match tasks: the gap recovered on the completion loss (teacher-forced), which shows
+    partial transfer where exact match is all or nothing."""
+    graded = [r for r in rows if r.get("completion_loss") is not None]
+    if not graded:
+        return ""
+    by = {(r["pair"], r["task"], r["method"]): r for r in graded}
+    cells = list(dict.fromkeys((r["pair"], r["task"]) for r in graded))
+    lines = ["", "Exact-match tasks, graded: completion loss of base / retrained, and each method's gap recovered "
+             "on it.", "", "| pair | task | base | retrained | " + " | ".join(methods) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(methods)]
+    for pair, task in cells:
+        base, ret = by.get((pair, task, "base")), by.get((pair, task, "retrained"))
+        vals = [_fmt(by[(pair, task, m)]["completion_gap_recovered"]) if (pair, task, m) in by else "" for m in methods]
+        lines.append(f"| {pair} | {task} | {_fmt(base and base['completion_loss'])} | "
+                     f"{_fmt(ret and ret['completion_loss'])} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot_gap(table: dict, path: Path) -> None:
