@@ -31,7 +31,7 @@ RUNS = {
                 generate=400),
     "m12": dict(pairs=["llama->llama"], tasks=["shakespeare"], methods=GEN, cast_steps=150, generate=400),
     "m13": dict(pairs=["llama->neox", "mistral->llama"], tasks=["kjv"], methods=GEN, cast_steps=150, generate=400),
-    # the exact-match recipe chosen on validation (benchmarks/exact_levers.py): zero-delta start, delta
+    # the exact-match recipe chosen on validation (benchmarks/levers.py): zero-delta start, delta
     # teacher, lr 1e-2, with its imitation control; LoRAs copied from m7 (greet) and m9 (echo)
     "m14": dict(pairs=["llama->mistral", "mistral->llama", "neox->llama", "llama->neox"], tasks=["greet"],
                 methods=["cast_delta_gen_zd", "imitation_gen_zd"], cast_steps=100, generate=400),

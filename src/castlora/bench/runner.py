@@ -34,7 +34,7 @@ METHODS: dict[str, dict] = {
     "cast_source_gen": {"teacher": "source", "generate": -1},
     "cast_delta_gen": {"teacher": "delta", "generate": -1},
     "imitation_gen": {"teacher": "source_base", "generate": -1},
-    # The exact-match recipe chosen on validation examples (benchmarks/exact_levers.py, docs/results.md):
+    # The exact-match recipe chosen on validation examples (benchmarks/levers.py, docs/results.md):
     # start at the target base (zero output heads) and train faster; its imitation control beside it.
     "cast_delta_gen_zd": {"teacher": "delta", "generate": -1, "init": "zero-delta", "lr": 1e-2},
     "imitation_gen_zd": {"teacher": "source_base", "generate": -1, "init": "zero-delta", "lr": 1e-2},

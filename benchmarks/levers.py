@@ -1,0 +1,100 @@
+"""CAST levers scored on VALIDATION data, never the test split. Ports one source LoRA to one
+target with several CAST variants and prints each one's validation score and KL.
+
+- Exact-match tasks (greet, echo): 60 prompts made with another seed, excluding every train and
+  test prompt; exact match and the completion loss (and its gap recovered). 100 steps.
+- LM tasks (shakespeare, kjv): test loss on 20,000 tokens of the *last training document* (the test
+  split is other works). The LoRAs saw ~10% of the training windows, so some of it was seen; it
+  ranks variants, and their absolute gap is not the test's. 150 steps.
+
+  OMP_NUM_THREADS=1 python benchmarks/levers.py greet llama mistral runs/lev_greet \
+      'delta:teacher=delta' 'lr1e-2:lr=0.01'
+
+A variant is NAME:key=value,key=value (TranslateConfig fields); 8 x 128 batches and at most 400
+generated texts, as in the bench. LoRAs are trained with the bench's recipe unless DIR/loras holds them.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from peft import PeftModel
+
+from castlora.bench import BenchConfig
+from castlora.bench.tasks import get_task, make_echo, make_greet
+from castlora.corpus import read_documents
+from castlora.demo import shared_dir
+from castlora.evaluate import completion_loss, exact_match, load_examples, text_loss
+from castlora.models import load_model, load_tokenizer
+from castlora.train_lora import train_lora
+from castlora.translate import translate
+
+
+def parse(value: str):
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+task, src, tgt, out = sys.argv[1:5]
+variants = sys.argv[5:]
+shared, cfg = shared_dir(None), BenchConfig()
+out = Path(out)
+exact = task in ("greet", "echo")
+steps = 100 if exact else cfg.cast_steps
+if exact:
+    make = {"echo": lambda d, seed: make_echo(d, shared, seed), "greet": make_greet}[task]
+    train = make(out / "tasks", 0)  # the bench's training split (seed 0)
+    seen = {e["prompt"] for e in load_examples(train.train)} | {e["prompt"] for e in load_examples(train.test)}
+    val = make(out / "val", 100)  # another seed; test prompts of seed 0 excluded too
+    val_ex = [e for e in load_examples(val.test) + load_examples(val.train) if e["prompt"] not in seen][:60]
+else:
+    train = get_task(task, shared, out / "tasks")
+    val_docs = read_documents(train.train)[-1:]
+
+
+def lora(model: str) -> str:
+    path = out / "loras" / f"{model}_{task}"
+    if not (path / "adapter_model.safetensors").exists():
+        train_lora(str(shared / "zoo" / model), str(train.train), str(path),
+                   steps=cfg.exact_lora_steps if exact else cfg.lora_steps, rank=cfg.lora_rank,
+                   alpha=2 * cfg.lora_rank, targets=cfg.exact_lora_targets if exact else cfg.lora_targets,
+                   lr=cfg.exact_lora_lr if exact else cfg.lr, batch_size=8, seq_len=cfg.seq_len, seed=cfg.seed,
+                   overwrite=True, progress=False, log=lambda *a: None)
+    return str(path)
+
+
+def acc(model: str, adapter: str | None) -> tuple[float, float]:
+    """Exact tasks: (exact-match accuracy, completion loss); LM tasks: (nan, validation text loss)."""
+    m = load_model(str(shared / "zoo" / model))
+    if adapter:
+        m = PeftModel.from_pretrained(m, adapter).eval()
+    tok = load_tokenizer(str(shared / "zoo" / model))
+    if not exact:
+        return float("nan"), text_loss(m, tok, val_docs, seq_len=256, max_tokens=20000)["mean_loss"]
+    return exact_match(m, tok, val_ex)["accuracy"], completion_loss(m, tok, val_ex)["completion_loss"]
+
+
+src_lora = lora(src)
+(base_acc, base_cl), (ret_acc, ret_cl) = acc(tgt, None), acc(tgt, lora(tgt))
+print(f"{task} {src}->{tgt}; source+LoRA {acc(src, src_lora)[0 if exact else 1]:.3f}, "
+      f"target base {base_acc:.3f} (loss {base_cl:.3f}), retrained {ret_acc:.3f} ({ret_cl:.3f})",
+      flush=True)
+print("| variant | options | val acc | val loss (gap recovered) | KL first -> last | train s |")
+for v in variants:
+    name, _, spec = v.partition(":")
+    opts = {"steps": steps, "batch_size": 8, "seq_len": 128, "generate": 400, "seed": 0}
+    opts.update({k: parse(x) for k, x in (kv.split("=") for kv in spec.split(",") if kv)})
+    t0 = time.perf_counter()
+    res = translate(source=str(shared / "zoo" / src), adapter=src_lora, target=str(shared / "zoo" / tgt),
+                    corpus=[str(shared / "data" / "general" / "train.txt.gz")], out=str(out / "ports" / name),
+                    overwrite=True, progress=False, log=lambda *a: None, **opts)
+    curve = res.record["loss_curve"]
+    kl = f"{curve[0]['kl']:.2f} -> {curve[-1]['kl']:.2f}" if curve else "-"
+    a, cl = acc(tgt, str(out / "ports" / name))
+    print(f"| {name} | {json.dumps(opts)} | {a:.3f} | {cl:.3f} ({(base_cl - cl) / (base_cl - ret_cl):.3f}) | {kl} | "
+          f"{time.perf_counter() - t0:.0f} |", flush=True)
