@@ -439,3 +439,40 @@ def test_zero_delta_start_is_the_target_base_and_then_learns(folders, tmp_path):
     assert curve[-1]["kl"] < curve[0]["kl"]
     got = _logits(PeftModel.from_pretrained(load_model(str(folders["llama"])), str(out)).eval(), ids)
     assert (got - base).norm() / base.norm() > 1e-4
+
+
+def test_scaled_start_keeps_the_closed_form_on_the_same_model(folders, tmp_path):
+    """init=scaled (the default when training): the output heads start at the scale of CAST-0 that fits
+    the teacher best on the held-out calibration batches. On the same model CAST-0 is the source LoRA
+    itself, so the full scale must win, by far, over the zero start."""
+    res = castlora.translate(source=str(folders["llama"]), adapter=str(folders["adapter"]), target=str(folders["llama"]),
+                             corpus=[str(folders["corpus"])], out=str(tmp_path / "scaled"), steps=2,
+                             batch_size=4, seq_len=48, calib_batches=2, generate=0, **QUIET)
+    info = res.record["init"]
+    assert res.record["config"]["init"] == "scaled"  # what auto resolved to, recorded
+    kl = {float(s): v for s, v in info["start_kl"].items()}
+    assert set(kl) == {0.0, 0.25, 0.5, 0.75, 1.0}
+    assert info["output_scale"] == 1.0 and kl[1.0] == min(kl.values()) and kl[1.0] < 0.2 * kl[0.0]
+    # with no training, auto stays CAST-0 (the closed form): no scale search
+    res0 = _run(folders, tmp_path / "cast0")
+    assert res0.record["config"]["init"] == "closed-form" and "output_scale" not in res0.record["init"]
+
+
+def test_scale_output_heads_keeps_the_best_scale(folders):
+    """The search sets the output heads to the scale with the lowest KL, and only them."""
+    from castlora.start_scale import scale_output_heads
+    sites = model_sites(load_model(str(folders["llama"])))
+    lora = load_adapter(str(folders["adapter"]), sites)
+    pairs, _ = map_sites(lora.kernels, sites, proportional_layer_map(sites.num_layers, sites.num_layers))
+    ports = [(PortedKernel(p.kernel, p.target), p.target) for p in pairs]
+    for port, _ in ports:
+        port.set_identity()
+    w_in = [port.p_in.linear_part().clone() for port, _ in ports]
+    w_out = [port.p_out.linear_part().clone() for port, _ in ports]
+    # a stand-in objective with its minimum at scale 0.5, measured on the heads as they are set
+    ratio = lambda: (ports[0][0].p_out.linear_part().norm() / w_out[0].norm()).item()  # noqa: E731
+    info = scale_output_heads(ports, lambda: (ratio() - 0.5) ** 2)
+    assert info["output_scale"] == 0.5
+    for (port, _), a, b in zip(ports, w_in, w_out):
+        assert torch.equal(port.p_in.linear_part(), a)
+        torch.testing.assert_close(port.p_out.linear_part(), 0.5 * b)

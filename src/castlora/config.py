@@ -37,9 +37,11 @@ class TranslateConfig:
     teacher: str = opt("source", "teacher distribution", ("source", "delta", "source_base"))
     head: str = opt("linear", "head type", ("linear", "mlp"))
     layer_map: str = opt("proportional", "source->target layer map", ("proportional", "cka"))
-    init: str = opt("closed-form", "head initialisation: closed-form = CAST-0; zero-delta = CAST-0's input heads "
-                                   "with zero output heads, so training starts at the target base (as a LoRA's B = 0)",
-                    ("closed-form", "zero-delta", "random"))
+    init: str = opt("auto", "head initialisation. closed-form = CAST-0; zero-delta = CAST-0's input heads with "
+                            "zero output heads, so training starts at the target base (as a LoRA's B = 0); scaled "
+                            "= CAST-0 with the output heads scaled by the factor in {0, 1/4, 1/2, 3/4, 1} that "
+                            "fits the teacher best on the held-out calibration text; auto = closed-form when "
+                            "--steps 0, scaled when training", ("auto", "closed-form", "zero-delta", "scaled", "random"))
     ridge: float = opt(-1.0, "relative ridge penalty of the closed-form start; -1 = chosen per head by 2-fold "
                              "cross-validation on the calibration text")
     calib_batches: int = opt(4, "batches of activations for the closed-form start and the CKA map")

@@ -13,7 +13,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -114,13 +114,17 @@ def teacher_outputs(source, source_inner, target, wrappers, ports: list[tuple[Po
 
 
 def cast_loss(source, source_inner, target, wrappers, ports: list[tuple[PortedKernel, Site]], batch: PairBatch,
-              cols: SharedVocab, cfg: LoopConfig, cache: TeacherCache | None = None, step: int = 0):
-    """One CAST step's loss: teacher (no grad; from `cache` when it holds this step) vs student on
-    aligned positions, plus the MSE term. `cols`: the shared vocabulary's columns in each model's
-    logits (None where vocab_head.shared_logits already restricted them)."""
+              cols: SharedVocab, cfg: LoopConfig, cache: TeacherCache | None = None, step: int = 0,
+              teacher_out: TeacherOutput | None = None):
+    """One CAST step's loss: teacher (no grad; `teacher_out` when given, else from `cache` when it
+    holds this step) vs student on aligned positions, plus the MSE term. `cols`: the shared
+    vocabulary's columns in each model's logits (None where vocab_head.shared_logits already
+    restricted them)."""
     device = next(target.parameters()).device
     with autocast(device, cfg.amp):
-        t_out = cache.load(step, batch) if cache is not None else None
+        t_out = teacher_out
+        if t_out is None and cache is not None:
+            t_out = cache.load(step, batch)
         if t_out is None:
             t_out = teacher_outputs(source, source_inner, target, wrappers, ports, batch, cols, cfg.teacher,
                                     cfg.temperature, cfg.beta > 0)
@@ -140,6 +144,26 @@ def cast_loss(source, source_inner, target, wrappers, ports: list[tuple[PortedKe
             z_t = gather_aligned(port.last_z, batch.pos_t, batch.pos_mask)
             mse = mse + relative_mse(z_t, z_s.to(z_t.device)).to(mse.device) / len(ports)
     return cfg.alpha * kl + cfg.beta * mse, kl, mse
+
+
+@contextlib.contextmanager
+def held_out_kl(source, source_inner, target, wrappers, ports: list[tuple[PortedKernel, Site]],
+                batches: list[PairBatch], vocab: SharedVocab, cfg: LoopConfig):
+    """Yields a function that returns the mean KL to the teacher over `batches` with the heads as they
+    are now. The teacher runs once per batch here; each call runs only the target."""
+    cfg = replace(cfg, beta=0.0, checkpointing=False)  # the KL alone; no backward, so no checkpointing
+    device = next(target.parameters()).device
+    with torch.no_grad(), step_setup(source_inner, target, vocab, [], cfg) as cols:
+        with autocast(device, cfg.amp):
+            teachers = [teacher_outputs(source, source_inner, target, wrappers, ports, b, cols, cfg.teacher,
+                                        cfg.temperature, False) for b in batches]
+
+        def kl_at() -> float:
+            kls = [cast_loss(source, source_inner, target, wrappers, ports, b, cols, cfg, teacher_out=t)[1].item()
+                   for b, t in zip(batches, teachers)]
+            return sum(kls) / len(kls)
+
+        yield kl_at
 
 
 @contextlib.contextmanager

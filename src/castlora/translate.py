@@ -35,7 +35,8 @@ from .safe_io import atomic_folder, write_text_atomic
 from .site_map import cka_layer_map, map_sites, proportional_layer_map
 from .tokens import encode_pair, shared_vocab
 from .teacher_cache import TeacherCache, file_digest, text_digest
-from .train import LoopConfig, fit_heads
+from .start_scale import scale_output_heads
+from .train import LoopConfig, fit_heads, held_out_kl
 
 MIN_ALIGNED_FRACTION = 0.2
 
@@ -242,10 +243,12 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
         log(f"dropped {d['source']} ({d['source_module']}): {d['reason']}")
     ports = [(PortedKernel(p.kernel, p.target, cfg.head).to(cfg.device), p.target) for p in pairs]
 
+    if cfg.init == "auto":  # CAST-0 stays the closed form; a trained run starts at the best-fitting scale of it
+        cfg.init = "closed-form" if cfg.steps == 0 else "scaled"
     if cfg.transfer == "weight-space":
         init_info = {"transfer": "weight-space"}
         cfg.steps = 0
-    elif cfg.init in ("closed-form", "zero-delta"):
+    elif cfg.init in ("closed-form", "zero-delta", "scaled"):
         # The heads map between the *base* models' spaces: with the LoRA on, the source's activations
         # downstream of its first adapted layer carry the LoRA's own effect, which the base target
         # cannot predict (on llama->llama that alone made the fit miss the identity by >100%).
@@ -273,6 +276,12 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
                               temperature=cfg.temperature, teacher=cfg.teacher,
                               warmup=min(20, max(1, cfg.steps // 10)), checkpoint_every=cfg.checkpoint_every,
                               amp=amp, checkpointing=cfg.gradient_checkpointing)
+            if cfg.init == "scaled" and cfg.transfer == "cast":
+                # the calibration batches are held out of training: the scale is chosen on text it never sees
+                with held_out_kl(source, source_inner, tgt, wrappers, ports, calib, vocab, loop) as kl_at:
+                    init_info.update(scale_output_heads(ports, kl_at))
+                log(f"start: output heads at {init_info['output_scale']:g} x the closed form "
+                    f"(KL to the teacher by scale: {init_info['start_kl']})")
             cache = None
             if cfg.teacher_cache:
                 cache = TeacherCache(cfg.teacher_cache, {

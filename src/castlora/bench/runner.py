@@ -24,8 +24,10 @@ from .tasks import get_task
 
 # method -> translate() options (generate -1: cfg.generate texts from source+LoRA, capped at mix = 1/3 of
 # the stream; 0: general text only). Every CAST row has its imitation control trained on the same corpus.
+# Rows that do not name an init use translate's default (auto: the scaled closed-form start; before
+# session 4 it was the closed form itself, so older results.json files record init "closed-form").
 METHODS: dict[str, dict] = {
-    "cast0": {"steps": 0},
+    "cast0": {"steps": 0, "init": "closed-form"},
     "random_heads": {"steps": 0, "init": "random"},
     "weight_space": {"transfer": "weight-space", "generate": 0},
     "cast_source": {"teacher": "source", "generate": 0},
