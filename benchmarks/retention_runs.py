@@ -37,6 +37,13 @@ RUNS = {
                 methods=["cast_delta_gen_zd", "imitation_gen_zd"], cast_steps=100, generate=400),
     "m15": dict(pairs=["llama->neox"], tasks=["echo"], methods=["cast_delta_gen_zd", "imitation_gen_zd"],
                 cast_steps=100, generate=400),
+    # session 4: the default recipe after the start was chosen on validation text (init auto = the scaled
+    # closed-form start, lr 1e-2), with its imitation control, on the four cross-family shakespeare pairs;
+    # LoRAs copied from m12 (llama) and the lever folders (mistral, neox), same recipe and seed
+    "m16a": dict(pairs=["llama->mistral", "llama->neox"], tasks=["shakespeare"],
+                 methods=["cast_source_gen", "imitation_gen"], cast_steps=150, generate=400),
+    "m16b": dict(pairs=["mistral->llama", "neox->llama"], tasks=["shakespeare"],
+                 methods=["cast_source_gen", "imitation_gen"], cast_steps=150, generate=400),
 }
 
 name = sys.argv[1]
