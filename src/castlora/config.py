@@ -31,7 +31,7 @@ class TranslateConfig:
     batch_size: int = opt(8, "texts per step")
     seq_len: int = opt(256, "source tokens per text")
     lr: float = opt(1e-2, "peak learning rate of the heads (AdamW, warmup then cosine). 1e-2 beat 2e-3 on every "
-                          "validation cell tried (shakespeare +0.06 to +0.11 of the gap, docs/results.md)")
+                          "validation cell tried (shakespeare +0.06 to +0.14 of the gap, docs/results.md)")
     alpha: float = opt(1.0, "weight of the KL term")
     beta: float = opt(0.1, "weight of the relative-MSE term")
     temperature: float = opt(1.0, "distillation temperature tau")
