@@ -632,8 +632,11 @@ def test_killed_process_resumes_to_the_same_heads(env, uninterrupted, tmp_path, 
                 "HF_HUB_OFFLINE": "1"}
     ckpt = tmp_path / ".out.castlora-work" / "checkpoint"
     with open(tmp_path / "stderr.txt", "wb") as err:
+        # A shell's background job (`bash .ci/run &`) starts with SIGINT ignored, and Python then keeps it
+        # ignored (no KeyboardInterrupt): the child gets the default disposition, as from a terminal.
         proc = subprocess.Popen([sys.executable, "-m", "castlora.cli", *argv], env=proc_env, stdout=err,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.monotonic() + 300
             while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
