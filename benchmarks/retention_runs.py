@@ -44,6 +44,9 @@ RUNS = {
                  methods=["cast_source_gen", "imitation_gen"], cast_steps=150, generate=400),
     "m16b": dict(pairs=["mistral->llama", "neox->llama"], tasks=["shakespeare"],
                  methods=["cast_source_gen", "imitation_gen"], cast_steps=150, generate=400),
+    # the sanity pair with the session-4 default (LoRA copied from m12)
+    "m17": dict(pairs=["llama->llama"], tasks=["shakespeare"], methods=["cast_source_gen", "imitation_gen"],
+                cast_steps=150, generate=400),
 }
 
 name = sys.argv[1]
