@@ -47,6 +47,9 @@ RUNS = {
     # the sanity pair with the session-4 default (LoRA copied from m12)
     "m17": dict(pairs=["llama->llama"], tasks=["shakespeare"], methods=["cast_source_gen", "imitation_gen"],
                 cast_steps=150, generate=400),
+    # kjv llama->mistral with the session-4 default (m8 had the old recipe)
+    "m18": dict(pairs=["llama->mistral"], tasks=["kjv"], methods=["cast_source_gen", "imitation_gen"],
+                cast_steps=150, generate=400),
 }
 
 name = sys.argv[1]
