@@ -276,7 +276,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
                               temperature=cfg.temperature, teacher=cfg.teacher,
                               warmup=min(20, max(1, cfg.steps // 10)), checkpoint_every=cfg.checkpoint_every,
                               amp=amp, checkpointing=cfg.gradient_checkpointing)
-            if cfg.init == "scaled" and cfg.transfer == "cast":
+            if cfg.init == "scaled":  # (weight-space has no steps, so never gets here)
                 # the calibration batches are held out of training: the scale is chosen on text it never sees
                 with held_out_kl(source, source_inner, tgt, wrappers, ports, calib, vocab, loop) as kl_at:
                     init_info.update(scale_output_heads(ports, kl_at))
