@@ -333,7 +333,13 @@ def test_resume_after_interrupt_matches_uninterrupted(folders, uninterrupted, tm
     state = json.loads((work / "checkpoint" / "state.json").read_text())
     assert state["step"] in (ckpt_step if isinstance(ckpt_step, tuple) else (ckpt_step,))
 
+    def searched_again(*a, **k):
+        raise AssertionError("a resumed run reuses the start scale chosen before the interrupt")
+
+    monkeypatch.setattr(translate_mod, "scale_output_heads", searched_again)
     resumed = _run(folders, out, resume=True, **RESUME)
+    assert resumed.record["init"]["output_scale"] == full.record["init"]["output_scale"]
+    assert resumed.record["init"]["start_kl"] == full.record["init"]["start_kl"]
     assert not work.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["resumed"]
     for name in ("heads.safetensors", "adapter_model.safetensors"):

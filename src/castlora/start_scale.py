@@ -23,23 +23,27 @@ SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 @torch.no_grad()
+def set_output_scale(ports: list[tuple[PortedKernel, Site]], scale: float,
+                     weights: list[torch.Tensor] | None = None) -> None:
+    """Set each output head's linear part to `scale` x `weights` (default: x its current value)."""
+    for i, (port, _) in enumerate(ports):
+        w = port.p_out.linear_part()
+        w.copy_((weights[i] if weights is not None else w) * scale)
+
+
+@torch.no_grad()
 def scale_output_heads(ports: list[tuple[PortedKernel, Site]], kl_at: Callable[[], float],
                        scales: tuple[float, ...] = SCALES) -> dict:
     """Try each scale of the output heads' linear part (MLP heads' residual branch starts at zero, so
     this scales the whole delta), keep the one with the lowest `kl_at()`. Returns what was measured."""
     weights = [port.p_out.linear_part().detach().clone() for port, _ in ports]
-
-    def set_scale(s: float) -> None:
-        for (port, _), w in zip(ports, weights):
-            port.p_out.linear_part().copy_(w * s)
-
     kls = {}
     for s in scales:
-        set_scale(s)
+        set_output_scale(ports, s, weights)
         kls[s] = float(kl_at())
     best = min(scales, key=lambda s: (kls[s], -s))  # ties: the larger scale, nearer the closed form
-    set_scale(best)
+    set_output_scale(ports, best, weights)
     return {"output_scale": best, "start_kl": {str(s): round(v, 5) for s, v in kls.items()}}
 
 
-__all__ = ["scale_output_heads", "SCALES"]
+__all__ = ["scale_output_heads", "set_output_scale", "SCALES"]

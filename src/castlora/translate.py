@@ -35,7 +35,7 @@ from .safe_io import atomic_folder, write_text_atomic
 from .site_map import cka_layer_map, map_sites, proportional_layer_map
 from .tokens import encode_pair, shared_vocab
 from .teacher_cache import TeacherCache, file_digest, text_digest
-from .start_scale import scale_output_heads
+from .start_scale import scale_output_heads, set_output_scale
 from .train import LoopConfig, fit_heads, held_out_kl
 
 MIN_ALIGNED_FRACTION = 0.2
@@ -277,9 +277,16 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
                               warmup=min(20, max(1, cfg.steps // 10)), checkpoint_every=cfg.checkpoint_every,
                               amp=amp, checkpointing=cfg.gradient_checkpointing)
             if cfg.init == "scaled":  # (weight-space has no steps, so never gets here)
-                # the calibration batches are held out of training: the scale is chosen on text it never sees
-                with held_out_kl(source, source_inner, tgt, wrappers, ports, calib, vocab, loop) as kl_at:
-                    init_info.update(scale_output_heads(ports, kl_at))
+                start_file = workdir / "start.json"
+                if cfg.resume and start_file.exists():  # chosen before the interrupt: same data, same scale
+                    init_info.update(json.loads(start_file.read_text()))
+                    set_output_scale(ports, init_info["output_scale"])
+                else:
+                    # the calibration batches are held out of training: the scale is chosen on text it never sees
+                    with held_out_kl(source, source_inner, tgt, wrappers, ports, calib, vocab, loop) as kl_at:
+                        init_info.update(scale_output_heads(ports, kl_at))
+                    workdir.mkdir(parents=True, exist_ok=True)
+                    start_file.write_text(json.dumps({k: init_info[k] for k in ("output_scale", "start_kl")}))
                 log(f"start: output heads at {init_info['output_scale']:g} x the closed form "
                     f"(KL to the teacher by scale: {init_info['start_kl']})")
             cache = None
