@@ -50,6 +50,14 @@ RUNS = {
     # kjv llama->mistral with the session-4 default (m8 had the old recipe)
     "m18": dict(pairs=["llama->mistral"], tasks=["kjv"], methods=["cast_source_gen", "imitation_gen"],
                 cast_steps=150, generate=400),
+    # session 5: the default lr 3e-2 (chosen on validation text), every shakespeare pair; LoRAs copied
+    # from m16a/m16b/m17 (same recipe and seed)
+    "m19a": dict(pairs=["llama->mistral", "neox->llama"], tasks=["shakespeare"],
+                 methods=["cast_source_gen", "imitation_gen"], cast_steps=150, generate=400),
+    "m19b": dict(pairs=["llama->neox", "mistral->llama"], tasks=["shakespeare"],
+                 methods=["cast_source_gen", "imitation_gen"], cast_steps=150, generate=400),
+    "m19c": dict(pairs=["llama->llama"], tasks=["shakespeare"], methods=["cast_source_gen"], cast_steps=150,
+                 generate=400),
 }
 
 name = sys.argv[1]
