@@ -37,8 +37,10 @@ class TranslateConfig:
     beta: float = opt(0.1, "weight of the relative-MSE term")
     temperature: float = opt(1.0, "distillation temperature tau")
     teacher: str = opt("source", "teacher distribution", ("source", "delta", "source_base"))
-    head: str = opt("linear", "head type", ("linear", "mlp"))
-    layer_map: str = opt("proportional", "source->target layer map", ("proportional", "cka"))
+    head: str = opt("linear", "head type. mlp lost to linear on both validation pairs and diverged on one "
+                              "(docs/results.md)", ("linear", "mlp"))
+    layer_map: str = opt("proportional", "source->target layer map. cka lost to proportional on both validation "
+                                        "pairs (docs/results.md)", ("proportional", "cka"))
     init: str = opt("auto", "head initialisation. closed-form = CAST-0; zero-delta = CAST-0's input heads with "
                             "zero output heads, so training starts at the target base (as a LoRA's B = 0); scaled "
                             "= CAST-0 with the output heads scaled by the factor in {0, 1/4, 1/2, 3/4, 1} that "
