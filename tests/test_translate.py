@@ -443,8 +443,28 @@ def test_zero_delta_start_is_the_target_base_and_then_learns(folders, tmp_path):
                              batch_size=4, seq_len=48, generate=0, **QUIET)
     curve = res.record["loss_curve"]
     assert curve[-1]["kl"] < curve[0]["kl"]
+    held = res.record["held_out_kl"]
+    assert held["kept"] == "trained" and held["end"] < held["start"]  # the trained heads are exported
     got = _logits(PeftModel.from_pretrained(load_model(str(folders["llama"])), str(out)).eval(), ids)
     assert (got - base).norm() / base.norm() > 1e-4
+
+
+def test_training_that_raises_the_held_out_kl_keeps_the_start(folders, tmp_path):
+    """From the exact start on a model and itself, steps at an absurd lr (1.0) can only move away. The
+    held-out KL at the end is then above the start's, and the port keeps the start heads: it still
+    reproduces the source LoRA, as CAST-0 does (test above), and castlora.json says so."""
+    out = tmp_path / "self"
+    res = castlora.translate(source=str(folders["llama"]), adapter=str(folders["adapter"]),
+                             target=str(folders["llama"]), corpus=[str(folders["corpus"])], out=str(out),
+                             steps=6, lr=1.0, batch_size=4, seq_len=48, calib_batches=4, generate=0, **QUIET)
+    held = res.record["held_out_kl"]
+    assert held["kept"] == "start" and held["end"] > 10 * held["start"], held
+    assert res.record["init"]["output_scale"] == 1.0
+    ids = _ids(32000, seed=3)
+    base = _logits(load_model(str(folders["llama"])), ids)
+    want = _logits(PeftModel.from_pretrained(load_model(str(folders["llama"])), str(folders["adapter"])).eval(), ids)
+    got = _logits(PeftModel.from_pretrained(load_model(str(folders["llama"])), str(out)).eval(), ids)
+    assert (got - want).norm() / (want - base).norm() < 0.1
 
 
 def test_scaled_start_keeps_the_closed_form_on_the_same_model(folders, tmp_path):

@@ -267,7 +267,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
 
     log(f"porting {len(ports)} kernels onto {len({s.path for _, s in ports})} target modules; "
         f"{sum(p.numel() for port, _ in ports for p in port.parameters())} head parameters")
-    history, state, teacher_info = [], None, None
+    history, state, teacher_info, held_out_info = [], None, None, None
     log_file = workdir / "train_log.jsonl"
     with attached(tgt, ports) as wrappers:
         if cfg.steps > 0:
@@ -276,19 +276,27 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
                               temperature=cfg.temperature, teacher=cfg.teacher,
                               warmup=min(20, max(1, cfg.steps // 10)), checkpoint_every=cfg.checkpoint_every,
                               amp=amp, checkpointing=cfg.gradient_checkpointing)
-            if cfg.init == "scaled":  # (weight-space has no steps, so never gets here)
-                start_file = workdir / "start.json"
-                if cfg.resume and start_file.exists():  # chosen before the interrupt: same data, same scale
-                    init_info.update(json.loads(start_file.read_text()))
-                    set_output_scale(ports, init_info["output_scale"])
-                else:
-                    # the calibration batches are held out of training: the scale is chosen on text it never sees
-                    with held_out_kl(source, source_inner, tgt, wrappers, ports, calib, vocab, loop) as kl_at:
-                        init_info.update(scale_output_heads(ports, kl_at))
-                    workdir.mkdir(parents=True, exist_ok=True)
-                    start_file.write_text(json.dumps({k: init_info[k] for k in ("output_scale", "start_kl")}))
-                log(f"start: output heads at {init_info['output_scale']:g} x the closed form "
-                    f"(KL to the teacher by scale: {init_info['start_kl']})")
+            # The calibration batches are held out of training: the start (and, for --init scaled, its
+            # scale) is judged on text training never sees, and so is the end (below).
+            def held_out():
+                return held_out_kl(source, source_inner, tgt, wrappers, ports, calib, vocab, loop)
+
+            start_file = workdir / "start.json"
+            if cfg.resume and start_file.exists():  # measured before the interrupt: same data, same start
+                start = json.loads(start_file.read_text())
+                if "output_scale" in start:
+                    set_output_scale(ports, start["output_scale"])
+            else:
+                with held_out() as kl_at:
+                    start = scale_output_heads(ports, kl_at) if cfg.init == "scaled" else {}
+                    start["held_out_kl"] = kl_at()
+                workdir.mkdir(parents=True, exist_ok=True)
+                start_file.write_text(json.dumps(start))
+            init_info.update({k: v for k, v in start.items() if k != "held_out_kl"})
+            if "output_scale" in start:
+                log(f"start: output heads at {start['output_scale']:g} x the closed form "
+                    f"(KL to the teacher by scale: {start['start_kl']})")
+            start_heads = [{k: v.detach().clone() for k, v in port.state_dict().items()} for port, _ in ports]
             cache = None
             if cfg.teacher_cache:
                 cache = TeacherCache(cfg.teacher_cache, {
@@ -303,6 +311,17 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
                                   cfg.resume, log=lambda r: (lf.write(json.dumps(r) + "\n"), lf.flush()),
                                   progress=cfg.progress, target_blocks=t_sites.layer_paths, cache=cache)
             history = state.history
+            # Never export heads that fit held-out text worse than where training started. From an
+            # exact start (a model and itself) Adam's normalised steps on near-zero gradients only
+            # walk away from it; across families training lowers the held-out KL by half or more.
+            with held_out() as kl_at:
+                end_kl = kl_at()
+            kept = "trained" if end_kl <= start["held_out_kl"] else "start"
+            if kept == "start":
+                for (port, _), saved in zip(ports, start_heads):
+                    port.load_state_dict(saved)
+                log(f"training raised the held-out KL ({start['held_out_kl']:.5g} -> {end_kl:.5g}): kept the start heads")
+            held_out_info = {"start": start["held_out_kl"], "end": end_kl, "kept": kept}
             if cache is not None:
                 teacher_info = {"teacher_cache": str(cfg.teacher_cache), "steps_read": cache.hits,
                                 "steps_computed": cache.misses}
@@ -323,7 +342,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
         "source_family": s_sites.family.name, "target_family": t_sites.family.name,
         "layer_map": layer_map, "layer_map_kind": cfg.layer_map, "cka": cka_info,
         "site_map": [p.describe() for p in pairs], "dropped": dropped,
-        "config": to_dict(cfg), "init": init_info, "loss_curve": history,
+        "config": to_dict(cfg), "init": init_info, "held_out_kl": held_out_info, "loss_curve": history,
         "corpus_tokens_seen": state.tokens_seen if state else 0, "train_seconds": round(state.seconds, 2) if state else 0,
         "alignment": {"calibration_aligned_fraction": round(frac, 4), "shared_vocab": vocab.size},
         "corpus_docs": len(docs), **gen_info, "teacher_cache": teacher_info, "export_fit_error": fit_errors,
