@@ -102,6 +102,7 @@ def bench(cfg: BenchConfig, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     general = str(root / "data" / "general" / "train.txt.gz")
     t_start = time.perf_counter()
+    commit = _commit()  # the code this run started with, not whatever HEAD is when a row is saved
     rows: list[dict] = []
     results_file = out / "results.json"
 
@@ -135,7 +136,7 @@ def bench(cfg: BenchConfig, log=print) -> dict:
         return text_loss(m, tok, docs, seq_len=256, max_tokens=cfg.eval_tokens)["mean_loss"], None
 
     def save():
-        table = {"rows": rows, "config": asdict(cfg), "commit": _commit(),
+        table = {"rows": rows, "config": asdict(cfg), "commit": commit,
                  "hardware": {"device": cfg.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
                               "platform": platform.platform(), "processor": platform.processor()},
                  "wall_seconds": round(time.perf_counter() - t_start, 1)}
