@@ -58,6 +58,10 @@ RUNS = {
                  methods=["cast_source_gen", "imitation_gen"], cast_steps=150, generate=400),
     "m19c": dict(pairs=["llama->llama"], tasks=["shakespeare"], methods=["cast_source_gen"], cast_steps=150,
                  generate=400),
+    # session 6: kjv on the other cross-family pairs with the session-5 default (lr 3e-2); the llama
+    # and mistral kjv LoRAs copied from m18 (same recipe and seed), neox's trained here
+    "m20a": dict(pairs=["llama->neox", "neox->llama"], tasks=["kjv"], methods=GEN, cast_steps=150, generate=400),
+    "m20b": dict(pairs=["mistral->llama"], tasks=["kjv"], methods=GEN, cast_steps=150, generate=400),
 }
 
 name = sys.argv[1]

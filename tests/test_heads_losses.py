@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from castlora.cast_module import PortedKernel
 from castlora.closed_form import RIDGE_GRID, _Fit, _solve
 from castlora.heads import LinearHead, MLPHead, make_head, reduced_rank_fit, ridge
-from castlora.losses import delta_teacher, kl_divergence, relative_mse, shared_log_probs
+from castlora.losses import delta_teacher, kl_divergence, lora_effect, relative_mse, shared_log_probs, topk_kl
 
 
 
@@ -168,6 +168,26 @@ def test_kl_divergence_zero_for_identical_and_positive_otherwise():
     s = q[:0].clone().requires_grad_(True)
     e = kl_divergence(p[:0], s)
     assert e.item() == 0.0 and e.requires_grad
+
+
+def test_position_weights_make_a_weighted_mean_of_the_per_position_kl():
+    p, q = _logp((6, 11), 4), _logp((6, 11), 5)
+    per_pos = F.kl_div(q, p, reduction="none", log_target=True).sum(-1)
+    w = torch.tensor([0.0, 1.0, 2.0, 0.0, 3.0, 0.5])
+    torch.testing.assert_close(kl_divergence(p, q, weight=w), (per_pos * w).sum() / w.sum(), rtol=1e-5, atol=1e-6)
+    # equal weights are the plain mean; the top-k form weighs its positions the same way
+    torch.testing.assert_close(kl_divergence(p, q, weight=torch.full((6,), 3.0)), kl_divergence(p, q))
+    torch.testing.assert_close(topk_kl(*p.topk(11, -1), q, weight=w), kl_divergence(p, q, weight=w),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_lora_effect_is_the_per_position_kl_of_the_lora_on_the_source():
+    base, lora = _logp((5, 9), 6), _logp((5, 9), 7)
+    lora[2] = base[2]  # a position the LoRA leaves alone weighs nothing
+    eff = lora_effect(lora, base)
+    torch.testing.assert_close(eff, F.kl_div(base, lora, reduction="none", log_target=True).sum(-1).clamp_min(0),
+                               rtol=1e-5, atol=1e-6)
+    assert eff[2].item() == pytest.approx(0.0, abs=1e-6) and (eff[[0, 1, 3, 4]] > 0).all()
 
 
 def test_kl_gradient_matches_torch_kl_div():

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from conftest import make_tiny
+from safetensors import safe_open
 from safetensors.torch import load_file
 from test_translate import QUIET, _make_lora, _ports, folders  # noqa: F401  (module fixture)
 
@@ -189,6 +190,31 @@ def test_teacher_cache_is_filled_then_read_and_gives_the_same_heads(folders, tmp
         run(tmp_path / "e", seed=1)
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["top_k"] == 64 and manifest["teacher"] == "source"
+
+
+def test_lora_effect_weights_travel_through_the_teacher_cache(folders, tmp_path):  # noqa: F811
+    cache = tmp_path / "teacher"
+    opts = dict(steps=3, batch_size=2, seq_len=32, calib_batches=1, generate=0, teacher_cache=str(cache),
+                position_weight="lora-effect", **QUIET)
+
+    def run(out, **kw):
+        return castlora.translate(source=str(folders["llama"]), adapter=str(folders["adapter"]),
+                                  target=str(folders["neox"]), corpus=[str(folders["corpus"])], out=str(out),
+                                  **{**opts, **kw})
+
+    first = run(tmp_path / "a")
+    assert first.record["config"]["position_weight"] == "lora-effect"
+    with safe_open(str(cache / "step_000000.safetensors"), framework="pt") as f:
+        w = f.get_tensor("weight")
+    assert w.ndim == 1 and w.min() >= 0 and w.mean().item() == pytest.approx(1.0, rel=1e-4)
+    assert w.std() > 0  # the LoRA acts more at some positions than at others
+    second = run(tmp_path / "b")
+    assert second.record["teacher_cache"]["steps_read"] == 3
+    ha, hb = load_file(str(tmp_path / "a" / "heads.safetensors")), load_file(str(tmp_path / "b" / "heads.safetensors"))
+    for k in ha:
+        torch.testing.assert_close(ha[k], hb[k])
+    with pytest.raises(CastloraError, match="another teacher.*position_weight"):
+        run(tmp_path / "c", position_weight="uniform")
 
 
 def test_a_damaged_teacher_cache_file_is_named_not_used(folders, tmp_path):  # noqa: F811

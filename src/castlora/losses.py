@@ -21,16 +21,32 @@ def delta_teacher(logp_target_base: torch.Tensor, logp_source_lora: torch.Tensor
     return F.log_softmax(logp_target_base + (logp_source_lora - logp_source_base), dim=-1)
 
 
-def kl_divergence(logp_teacher: torch.Tensor, logp_student: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-    """Mean over positions of KL(teacher || student), times tau^2 (keeps gradients comparable
-    across temperatures, as in distillation)."""
+def position_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean over positions, or the weighted mean when `weight` (one number per position) is given."""
+    if weight is None:
+        return values.mean()
+    weight = weight.to(values.device, values.dtype)
+    return (values * weight).sum() / weight.sum().clamp_min(1e-12)
+
+
+def lora_effect(logp_lora: torch.Tensor, logp_base: torch.Tensor) -> torch.Tensor:
+    """Per position: KL(source+LoRA || source), how much the LoRA moves the source's prediction
+    there. Where it is ~0 the source teacher only teaches imitation of the source base."""
+    return (logp_lora.exp() * (logp_lora - logp_base)).sum(-1).clamp_min(0)
+
+
+def kl_divergence(logp_teacher: torch.Tensor, logp_student: torch.Tensor, tau: float = 1.0,
+                  weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over positions (weighted by `weight` when given) of KL(teacher || student), times
+    tau^2 (keeps gradients comparable across temperatures, as in distillation)."""
     if logp_teacher.numel() == 0:
         return logp_student.sum() * 0.0
     kl = (logp_teacher.exp() * (logp_teacher - logp_student)).sum(-1)
-    return kl.mean() * tau * tau
+    return position_mean(kl, weight) * tau * tau
 
 
-def topk_kl(values: torch.Tensor, index: torch.Tensor, logp_student: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+def topk_kl(values: torch.Tensor, index: torch.Tensor, logp_student: torch.Tensor, tau: float = 1.0,
+            weight: torch.Tensor | None = None) -> torch.Tensor:
     """KL(teacher || student) over k+1 buckets: the teacher's top-k pieces (log-probs `values` at
     `index`) and the rest of the vocabulary as one bucket. It never exceeds the full KL, equals it
     when k covers the vocabulary, and needs only the top-k of the teacher (teacher_cache)."""
@@ -41,7 +57,7 @@ def topk_kl(values: torch.Tensor, index: torch.Tensor, logp_student: torch.Tenso
     p_rest = (1 - p.sum(-1)).clamp_min(0)
     lq_rest = torch.log1p(-lq.exp().sum(-1).clamp(max=1 - 1e-6))
     kl = (p * (values - lq)).sum(-1) + torch.xlogy(p_rest, p_rest) - p_rest * lq_rest
-    return kl.mean() * tau * tau
+    return position_mean(kl, weight) * tau * tau
 
 
 def relative_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Everything a CAST step needs from the source side is a function of the batch: the teacher's
 log-distribution over the shared vocabulary at the aligned positions, and (for the MSE term)
 each kernel's view of its source-site inputs, `in_basis^T x_S` (r numbers per position per
-kernel, not d). `--teacher-cache DIR` stores both per step, the distribution as its top-k
+kernel, not d), and with `--position-weight lora-effect` each position's weight. `--teacher-cache DIR` stores them per step, the distribution as its top-k
 (log-probs + token indices; the rest of the mass is kept as one bucket by `losses.topk_kl`).
 The first run fills DIR as it trains; a later run with the same teacher (other heads, lr, beta,
 layer map...) reads the steps it finds and skips the source forward for them.
@@ -43,18 +43,19 @@ class TeacherOutput:
     values: torch.Tensor | None = None
     index: torch.Tensor | None = None
     z: list[torch.Tensor] | None = None  # per port: in_basis^T x_S at the aligned positions (N x r)
+    weight: torch.Tensor | None = None  # per aligned position: its weight in the KL (None = uniform)
 
     def to(self, device) -> "TeacherOutput":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         return TeacherOutput(mv(self.logp), mv(self.values), mv(self.index),
-                             None if self.z is None else [mv(t) for t in self.z])
+                             None if self.z is None else [mv(t) for t in self.z], mv(self.weight))
 
     def top_k(self, k: int) -> "TeacherOutput":
         """Keep the k most likely pieces (stored at float32, indices int32), z at bfloat16."""
         k = min(k, self.logp.shape[-1])
         values, index = self.logp.topk(k, dim=-1)
         z = None if self.z is None else [t.to(torch.bfloat16).float() for t in self.z]
-        return TeacherOutput(None, values.float(), index.int(), z)
+        return TeacherOutput(None, values.float(), index.int(), z, self.weight)
 
 
 def file_digest(path: str | Path) -> str:
@@ -121,13 +122,16 @@ class TeacherCache:
                 "batch size, sequence length or generated text changed). Use a new --teacher-cache folder")
         n = int(meta.get("ports", -1))
         out = TeacherOutput(values=tensors["values"], index=tensors["index"],
-                            z=[tensors[f"z.{i}"].float() for i in range(n)] if n > 0 else None)
+                            z=[tensors[f"z.{i}"].float() for i in range(n)] if n > 0 else None,
+                            weight=tensors.get("weight"))
         self.hits += 1
         return out
 
     def save(self, step: int, batch: PairBatch, teacher: TeacherOutput) -> None:
         tensors = {"values": teacher.values.detach().cpu().contiguous(),
                    "index": teacher.index.detach().cpu().contiguous()}
+        if teacher.weight is not None:
+            tensors["weight"] = teacher.weight.detach().float().cpu().contiguous()
         for i, z in enumerate(teacher.z or []):
             tensors[f"z.{i}"] = z.detach().to(torch.bfloat16).cpu().contiguous()
         path = self._path(step)

@@ -27,13 +27,14 @@ from .cast_module import CastLinear, PortedKernel, deltas_off
 from .closed_form import gather_aligned
 from .errors import CastloraError, TrainingDiverged
 from .families import Site
-from .losses import delta_teacher, kl_divergence, relative_mse, shared_log_probs, topk_kl
+from .losses import delta_teacher, kl_divergence, lora_effect, relative_mse, shared_log_probs, topk_kl
 from .safe_io import is_disk_full
 from .teacher_cache import TeacherCache, TeacherOutput
 from .tokens import PairBatch, SharedVocab
 from .vocab_head import shared_logits
 
 TEACHERS = ("source", "delta", "source_base")
+POSITION_WEIGHTS = ("uniform", "lora-effect")
 
 
 @dataclass
@@ -44,6 +45,7 @@ class LoopConfig:
     beta: float = 0.1
     temperature: float = 1.0
     teacher: str = "source"
+    position_weight: str = "uniform"  # "lora-effect": weight each position's KL by KL(S+LoRA || S) there
     warmup: int = 20
     grad_clip: float = 1.0
     checkpoint_every: int = 100
@@ -81,9 +83,13 @@ def autocast(device: torch.device, amp: str):
 
 
 def teacher_outputs(source, source_inner, target, wrappers, ports: list[tuple[PortedKernel, Site]],
-                    batch: PairBatch, cols: SharedVocab, teacher: str, tau: float, want_z: bool) -> TeacherOutput:
+                    batch: PairBatch, cols: SharedVocab, teacher: str, tau: float, want_z: bool,
+                    position_weight: str = "uniform") -> TeacherOutput:
     """The source side of a step (no grad): the teacher's log-probs over the shared vocabulary at
-    the aligned positions, and each kernel's view of its source-site inputs (for the MSE term)."""
+    the aligned positions, each kernel's view of its source-site inputs (for the MSE term), and
+    with `position_weight` "lora-effect" each position's weight: KL(S+LoRA || S) there over its
+    batch mean, so the KL dwells where the LoRA acts and not where the teacher only holds the
+    source base's habits (the imitation control's whole signal)."""
     source_paths = sorted({p.source_module for p, _ in ports}) if want_z else []
 
     def logp_source(use_lora: bool):
@@ -102,15 +108,22 @@ def teacher_outputs(source, source_inner, target, wrappers, ports: list[tuple[Po
         if want_z:
             z = [gather_aligned(inputs[port.source_module], batch.pos_s, batch.pos_mask).to(port.in_basis.device)
                  .float() @ port.in_basis for port, _ in ports]
-        if teacher == "source":
+        if teacher == "source" and position_weight == "uniform":
             return TeacherOutput(logp=lp_lora, z=z)
         lp_base, _ = logp_source(False)
+        weight = None
+        if position_weight == "lora-effect":
+            effect = lora_effect(lp_lora, lp_base)
+            weight = effect / effect.mean().clamp_min(1e-12)
+        if teacher == "source":
+            return TeacherOutput(logp=lp_lora, z=z, weight=weight)
         if teacher == "source_base":
-            return TeacherOutput(logp=lp_base, z=z)
+            return TeacherOutput(logp=lp_base, z=z, weight=weight)
         with deltas_off(wrappers):
             t_logits = target(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
         lp_t = shared_log_probs(gather_aligned(t_logits, batch.pos_t, batch.pos_mask), cols.ids_t, tau)
-        return TeacherOutput(logp=delta_teacher(lp_t, lp_lora.to(lp_t.device), lp_base.to(lp_t.device)), z=z)
+        return TeacherOutput(logp=delta_teacher(lp_t, lp_lora.to(lp_t.device), lp_base.to(lp_t.device)), z=z,
+                             weight=weight)
 
 
 def cast_loss(source, source_inner, target, wrappers, ports: list[tuple[PortedKernel, Site]], batch: PairBatch,
@@ -127,7 +140,7 @@ def cast_loss(source, source_inner, target, wrappers, ports: list[tuple[PortedKe
             t_out = cache.load(step, batch)
         if t_out is None:
             t_out = teacher_outputs(source, source_inner, target, wrappers, ports, batch, cols, cfg.teacher,
-                                    cfg.temperature, cfg.beta > 0)
+                                    cfg.temperature, cfg.beta > 0, cfg.position_weight)
             if cache is not None:  # the same top-k whether the step was read or computed: same heads
                 t_out = t_out.top_k(cache.top_k)
                 cache.save(step, batch, t_out)
@@ -135,9 +148,9 @@ def cast_loss(source, source_inner, target, wrappers, ports: list[tuple[PortedKe
     lp_student = shared_log_probs(gather_aligned(logits, batch.pos_t, batch.pos_mask), cols.ids_t, cfg.temperature)
     t_out = t_out.to(lp_student.device)
     if t_out.logp is not None:
-        kl = kl_divergence(t_out.logp, lp_student, cfg.temperature)
+        kl = kl_divergence(t_out.logp, lp_student, cfg.temperature, t_out.weight)
     else:
-        kl = topk_kl(t_out.values, t_out.index, lp_student, cfg.temperature)
+        kl = topk_kl(t_out.values, t_out.index, lp_student, cfg.temperature, t_out.weight)
     mse = torch.zeros((), device=logits.device)
     if cfg.beta > 0:
         for (port, _), z_s in zip(ports, t_out.z):
@@ -156,7 +169,7 @@ def held_out_kl(source, source_inner, target, wrappers, ports: list[tuple[Ported
     with torch.no_grad(), step_setup(source_inner, target, vocab, [], cfg) as cols:
         with autocast(device, cfg.amp):
             teachers = [teacher_outputs(source, source_inner, target, wrappers, ports, b, cols, cfg.teacher,
-                                        cfg.temperature, False) for b in batches]
+                                        cfg.temperature, False, cfg.position_weight) for b in batches]
 
         def kl_at() -> float:
             kls = [cast_loss(source, source_inner, target, wrappers, ports, b, cols, cfg, teacher_out=t)[1].item()
@@ -238,6 +251,8 @@ def fit_heads(source, source_inner, target, wrappers: list[CastLinear], ports: l
     """Train the heads of `ports` for cfg.steps steps. Only head parameters get gradients."""
     if cfg.teacher not in TEACHERS:
         raise ValueError(f"unknown teacher {cfg.teacher!r}; choose one of {TEACHERS}")
+    if cfg.position_weight not in POSITION_WEIGHTS:
+        raise ValueError(f"unknown position weight {cfg.position_weight!r}; choose one of {POSITION_WEIGHTS}")
     params = [p for port, _ in ports for p in port.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     ckpt = workdir / "checkpoint" if workdir else None

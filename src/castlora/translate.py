@@ -273,7 +273,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
         if cfg.steps > 0:
             amp = cfg.amp if cfg.amp != "auto" else ("bf16" if str(cfg.device).startswith("cuda") else "off")
             loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, alpha=cfg.alpha, beta=cfg.beta,
-                              temperature=cfg.temperature, teacher=cfg.teacher,
+                              temperature=cfg.temperature, teacher=cfg.teacher, position_weight=cfg.position_weight,
                               warmup=min(20, max(1, cfg.steps // 10)), checkpoint_every=cfg.checkpoint_every,
                               amp=amp, checkpointing=cfg.gradient_checkpointing)
             # The calibration batches are held out of training: the start (and, for --init scaled, its
@@ -302,7 +302,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
                 cache = TeacherCache(cfg.teacher_cache, {
                     "source": str(cfg.source), "adapter": _adapter_digest(cfg.adapter),
                     "target": str(cfg.target) if cfg.teacher == "delta" else None, "teacher": cfg.teacher,
-                    "temperature": cfg.temperature, "dtype": cfg.dtype, "amp": amp,
+                    "position_weight": cfg.position_weight, "temperature": cfg.temperature, "dtype": cfg.dtype, "amp": amp,
                     "vocab": text_digest([str(vocab.ids_s.tolist()), str(vocab.ids_t.tolist())]),
                     "kernels": [p.source_module for p, _ in ports] if cfg.beta > 0 else None}, cfg.teacher_top_k)
             workdir.mkdir(parents=True, exist_ok=True)
