@@ -502,3 +502,79 @@ def test_scale_output_heads_keeps_the_best_scale(folders):
     for (port, _), a, b in zip(ports, w_in, w_out):
         assert torch.equal(port.p_in.linear_part(), a)
         torch.testing.assert_close(port.p_out.linear_part(), 0.5 * b)
+
+
+def test_search_start_picks_the_best_candidate_and_scale(folders):
+    """--init scaled-ridge: every candidate set of output heads at every scale (scale 0, the same for
+    all, once); the lowest KL wins and only the output heads change."""
+    from castlora.start_scale import search_start
+    sites = model_sites(load_model(str(folders["llama"])))
+    lora = load_adapter(str(folders["adapter"]), sites)
+    pairs, _ = map_sites(lora.kernels, sites, proportional_layer_map(sites.num_layers, sites.num_layers))
+    ports = [(PortedKernel(p.kernel, p.target), p.target) for p in pairs]
+    for port, _ in ports:
+        port.set_identity()
+    w_in = [port.p_in.linear_part().clone() for port, _ in ports]
+    w_out = [port.p_out.linear_part().clone() for port, _ in ports]
+    calls = []
+
+    def kl_at():  # a stand-in objective with its minimum at 1.5 x the first candidate's heads
+        calls.append(1)
+        return ((ports[0][0].p_out.linear_part().norm() / w_out[0].norm()).item() - 1.5) ** 2
+
+    info = search_start(ports, kl_at, {"closed-form": w_out, "0.01": [2 * w for w in w_out]})
+    assert (info["candidate"], info["output_scale"]) == ("0.01", 0.75)
+    assert len(calls) == 9 and len(info["start_kl"]) == 9 and "0.01@0.0" not in info["start_kl"]
+    for (port, _), a, b in zip(ports, w_in, w_out):
+        assert torch.equal(port.p_in.linear_part(), a)
+        torch.testing.assert_close(port.p_out.linear_part(), 1.5 * b)
+
+
+def test_scaled_ridge_start_keeps_the_closed_form_on_the_same_model(folders, tmp_path):
+    """On the same model the cross-validated closed form is the source LoRA itself; every fixed
+    output ridge shrinks it, so the search must keep the closed form at full scale."""
+    res = castlora.translate(source=str(folders["llama"]), adapter=str(folders["adapter"]), target=str(folders["llama"]),
+                             corpus=[str(folders["corpus"])], out=str(tmp_path / "sr"), steps=1, lr=1e-9,
+                             batch_size=4, seq_len=48, calib_batches=2, generate=0, init="scaled-ridge", **QUIET)
+    info = res.record["init"]
+    assert info["candidate"] == "closed-form" and info["output_scale"] == 1.0
+    kl = info["start_kl"]
+    assert set(kl) == {"closed-form@0.0", *(f"{c}@{s}" for c in ("closed-form", "0.001", "0.01", "0.1")
+                                           for s in (0.25, 0.5, 0.75, 1.0))}
+    assert kl["closed-form@1.0"] < kl["0.1@1.0"] and kl["closed-form@1.0"] == min(kl.values())
+
+
+def test_resume_restores_a_searched_output_ridge(folders, tmp_path, monkeypatch):
+    """A resumed scaled-ridge run rebuilds the output heads at the ridge chosen before the interrupt
+    (not the cross-validated ones) and ends exactly where an uninterrupted run ends."""
+    real_search = translate_mod.search_start
+    # force a fixed-ridge winner, so that the resume has to rebuild it
+    monkeypatch.setattr(translate_mod, "search_start", lambda p, kl_at, c: real_search(p, kl_at, {"0.1": c["0.1"]}))
+    full_out = tmp_path / "full"
+    full = _run(folders, full_out, init="scaled-ridge", **RESUME)
+    assert full.record["init"]["candidate"] == "0.1"
+
+    calls = {"n": 0}
+    real = translate_mod.encode_pair
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 1 + 5:
+            raise SimulatedCrash("simulated")
+        return real(*a, **k)
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(translate_mod, "encode_pair", flaky)
+    with pytest.raises(SimulatedCrash):
+        _run(folders, out, init="scaled-ridge", **RESUME)
+    monkeypatch.setattr(translate_mod, "encode_pair", real)
+
+    def searched_again(*a, **k):
+        raise AssertionError("a resumed run reuses the start chosen before the interrupt")
+
+    monkeypatch.setattr(translate_mod, "search_start", searched_again)
+    resumed = _run(folders, out, init="scaled-ridge", resume=True, **RESUME)
+    assert resumed.record["init"]["candidate"] == "0.1"
+    a, b = load_file(str(full_out / "heads.safetensors")), load_file(str(out / "heads.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7)

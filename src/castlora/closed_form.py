@@ -76,15 +76,11 @@ def _solve(gram: torch.Tensor, cross: torch.Tensor, lam: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def closed_form_init(ports: list[tuple[PortedKernel, Site]], source_inner, target, source_paths: list[str],
-                     batches, lam: float | None = None) -> dict:
-    """Set every port's heads to the ridge solution on `batches` (PairBatch list). Returns stats.
-
-    `lam` None (the default): each head's penalty is chosen from RIDGE_GRID by 2-fold
-    cross-validation (alternate batches, or alternate positions when there is one batch). The
-    right penalty differs by orders of magnitude: near zero when source and target are the same
-    model (the fit must be the identity), larger across families where the relation is noisy.
-    """
+def accumulate_fits(ports: list[tuple[PortedKernel, Site]], source_inner, target, source_paths: list[str],
+                    batches) -> tuple[list[tuple[_Fit, _Fit]], int]:
+    """Gram statistics of every port's input and output regression on `batches` (PairBatch list),
+    two folds each (alternate batches, or alternate positions when there is one batch). Returns
+    them with the number of aligned positions seen."""
     fits = [(_Fit(), _Fit()) for _ in ports]
     tgt_paths = [site.path for _, site in ports]
     n = 0
@@ -109,6 +105,30 @@ def closed_form_init(ports: list[tuple[PortedKernel, Site]], source_inner, targe
                 f_in.update(fold, x_t[rows], z_s[rows])
                 f_out.update(fold, y_s[rows], y_t[rows])
         n += int(batch.pos_mask.sum())
+    return fits, n
+
+
+def output_head_weights(ports: list[tuple[PortedKernel, Site]], fits: list[tuple[_Fit, _Fit]],
+                        lam: float | None) -> list[torch.Tensor]:
+    """Each port's closed-form output head at ridge `lam` (None: each head's cross-validated choice),
+    restricted to the kernel's output basis."""
+    return [(f_out.solve(lam)[0] @ port.out_basis.double()).float() for (port, _), (_, f_out) in zip(ports, fits)]
+
+
+@torch.no_grad()
+def closed_form_init(ports: list[tuple[PortedKernel, Site]], source_inner, target, source_paths: list[str],
+                     batches, lam: float | None = None, fits: list[tuple[_Fit, _Fit]] | None = None) -> dict:
+    """Set every port's heads to the ridge solution on `batches` (PairBatch list). Returns stats.
+
+    `lam` None (the default): each head's penalty is chosen from RIDGE_GRID by 2-fold
+    cross-validation (alternate batches, or alternate positions when there is one batch). The
+    right penalty differs by orders of magnitude: near zero when source and target are the same
+    model (the fit must be the identity), larger across families where the relation is noisy.
+    `fits`: statistics already accumulated on `batches` (accumulate_fits), to reuse.
+    """
+    n = None
+    if fits is None:
+        fits, n = accumulate_fits(ports, source_inner, target, source_paths, batches)
     chosen = []
     for (port, _), (f_in, f_out) in zip(ports, fits):
         p_in, lam_in, cv_in = f_in.solve(lam)  # r x d_in_T
@@ -118,6 +138,8 @@ def closed_form_init(ports: list[tuple[PortedKernel, Site]], source_inner, targe
         chosen.append({"kernel": port.source_key, "ridge_in": lam_in, "ridge_out": lam_out,
                        "cv_error_in": None if cv_in is None else round(cv_in, 5),
                        "cv_error_out": None if cv_out is None else round(cv_out, 5)})
+    if n is None:
+        n = sum(int(b.pos_mask.sum()) for b in batches)
     return {"calibration_positions": n, "ridge": lam if lam is not None else "cross-validated", "heads": chosen}
 
 
@@ -139,4 +161,4 @@ def zero_output_heads(ports: list[tuple[PortedKernel, Site]]) -> None:
         port.p_out.linear_part().zero_()
 
 
-__all__ = ["closed_form_init", "random_init", "zero_output_heads", "gather_aligned", "ridge"]
+__all__ = ["accumulate_fits", "closed_form_init", "output_head_weights", "random_init", "zero_output_heads", "gather_aligned", "ridge"]

@@ -50,8 +50,10 @@ class TranslateConfig:
     init: str = opt("auto", "head initialisation. closed-form = CAST-0; zero-delta = CAST-0's input heads with "
                             "zero output heads, so training starts at the target base (as a LoRA's B = 0); scaled "
                             "= CAST-0 with the output heads scaled by the factor in {0, 1/4, 1/2, 3/4, 1} that "
-                            "fits the teacher best on the held-out calibration text; auto = closed-form when "
-                            "--steps 0, scaled when training", ("auto", "closed-form", "zero-delta", "scaled", "random"))
+                            "fits the teacher best on the held-out calibration text; scaled-ridge = scaled, with "
+                            "the output heads' ridge also searched (cross-validated or 1e-3, 1e-2, 1e-1) by the same "
+                            "KL; auto = closed-form when --steps 0, scaled when training",
+                   ("auto", "closed-form", "zero-delta", "scaled", "scaled-ridge", "random"))
     ridge: float = opt(-1.0, "relative ridge penalty of the closed-form start; -1 = chosen per head by 2-fold "
                              "cross-validation on the calibration text")
     calib_batches: int = opt(4, "batches of activations for the closed-form start and the CKA map")

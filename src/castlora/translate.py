@@ -22,7 +22,8 @@ from . import __version__
 from .baselines.weight_space import weight_space_factors
 from .adapters import PICKLE_NAMES, SAFETENSORS_NAME, load_adapter, read_adapter_folder
 from .cast_module import PortedKernel, attached
-from .closed_form import closed_form_init, gather_aligned, random_init, zero_output_heads
+from .closed_form import accumulate_fits, closed_form_init, gather_aligned, output_head_weights, random_init, \
+    zero_output_heads
 from .capture import capture
 from .config import TranslateConfig, build, to_dict
 from .corpus import check_corpus_path, make_chunks, read_corpus
@@ -35,7 +36,7 @@ from .safe_io import atomic_folder, write_text_atomic
 from .site_map import cka_layer_map, map_sites, proportional_layer_map
 from .tokens import encode_pair, shared_vocab
 from .teacher_cache import TeacherCache, file_digest, text_digest
-from .start_scale import scale_output_heads, set_output_scale
+from .start_scale import OUTPUT_RIDGES, scale_output_heads, search_start, set_output_scale
 from .train import LoopConfig, fit_heads, held_out_kl
 
 MIN_ALIGNED_FRACTION = 0.2
@@ -248,13 +249,14 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
     if cfg.transfer == "weight-space":
         init_info = {"transfer": "weight-space"}
         cfg.steps = 0
-    elif cfg.init in ("closed-form", "zero-delta", "scaled"):
+    elif cfg.init in ("closed-form", "zero-delta", "scaled", "scaled-ridge"):
         # The heads map between the *base* models' spaces: with the LoRA on, the source's activations
         # downstream of its first adapted layer carry the LoRA's own effect, which the base target
         # cannot predict (on llama->llama that alone made the fit miss the identity by >100%).
         with source.disable_adapter():
-            init_info = closed_form_init(ports, source_inner, tgt, [p.source_module for p, _ in ports], calib,
-                                         None if cfg.ridge < 0 else cfg.ridge)
+            fits, _ = accumulate_fits(ports, source_inner, tgt, [p.source_module for p, _ in ports], calib)
+        init_info = closed_form_init(ports, source_inner, tgt, [], calib, None if cfg.ridge < 0 else cfg.ridge,
+                                     fits=fits)
         if cfg.init == "zero-delta":
             # Across families CAST-0's delta can point the wrong way (below the base, docs/results.md);
             # with the output heads at zero the port starts at the target base and the input heads
@@ -285,16 +287,25 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
             if cfg.resume and start_file.exists():  # measured before the interrupt: same data, same start
                 start = json.loads(start_file.read_text())
                 if "output_scale" in start:
-                    set_output_scale(ports, start["output_scale"])
+                    ridge = start.get("candidate", "closed-form")
+                    set_output_scale(ports, start["output_scale"], None if ridge == "closed-form" else
+                                     output_head_weights(ports, fits, float(ridge)))
             else:
                 with held_out() as kl_at:
-                    start = scale_output_heads(ports, kl_at) if cfg.init == "scaled" else {}
+                    start = {}
+                    if cfg.init == "scaled":
+                        start = scale_output_heads(ports, kl_at)
+                    elif cfg.init == "scaled-ridge":  # the output heads' ridge is searched too (start_scale.py)
+                        candidates = {"closed-form": [p.p_out.linear_part().detach().clone() for p, _ in ports]}
+                        candidates.update({str(lam): output_head_weights(ports, fits, lam) for lam in OUTPUT_RIDGES})
+                        start = search_start(ports, kl_at, candidates)
                     start["held_out_kl"] = kl_at()
                 workdir.mkdir(parents=True, exist_ok=True)
                 start_file.write_text(json.dumps(start))
             init_info.update({k: v for k, v in start.items() if k != "held_out_kl"})
             if "output_scale" in start:
-                log(f"start: output heads at {start['output_scale']:g} x the closed form "
+                ridge = f" at output ridge {start['candidate']}" if "candidate" in start else ""
+                log(f"start: output heads at {start['output_scale']:g} x the closed form{ridge} "
                     f"(KL to the teacher by scale: {start['start_kl']})")
             start_heads = [{k: v.detach().clone() for k, v in port.state_dict().items()} for port, _ in ports]
             cache = None
