@@ -484,17 +484,23 @@ def test_scaled_start_keeps_the_closed_form_on_the_same_model(folders, tmp_path)
     assert res0.record["config"]["init"] == "closed-form" and "output_scale" not in res0.record["init"]
 
 
-def test_scale_output_heads_keeps_the_best_scale(folders):
-    """The search sets the output heads to the scale with the lowest KL, and only them."""
-    from castlora.start_scale import scale_output_heads
+def _identity_ports(folders):
+    """The adapter's kernels ported llama -> llama with identity heads, and copies of their input
+    and output heads' weights."""
     sites = model_sites(load_model(str(folders["llama"])))
     lora = load_adapter(str(folders["adapter"]), sites)
     pairs, _ = map_sites(lora.kernels, sites, proportional_layer_map(sites.num_layers, sites.num_layers))
     ports = [(PortedKernel(p.kernel, p.target), p.target) for p in pairs]
     for port, _ in ports:
         port.set_identity()
-    w_in = [port.p_in.linear_part().clone() for port, _ in ports]
-    w_out = [port.p_out.linear_part().clone() for port, _ in ports]
+    return (ports, [port.p_in.linear_part().clone() for port, _ in ports],
+            [port.p_out.linear_part().clone() for port, _ in ports])
+
+
+def test_scale_output_heads_keeps_the_best_scale(folders):
+    """The search sets the output heads to the scale with the lowest KL, and only them."""
+    from castlora.start_scale import scale_output_heads
+    ports, w_in, w_out = _identity_ports(folders)
     # a stand-in objective with its minimum at scale 0.5, measured on the heads as they are set
     ratio = lambda: (ports[0][0].p_out.linear_part().norm() / w_out[0].norm()).item()  # noqa: E731
     info = scale_output_heads(ports, lambda: (ratio() - 0.5) ** 2)
@@ -508,14 +514,7 @@ def test_search_start_picks_the_best_candidate_and_scale(folders):
     """--init scaled-ridge: every candidate set of output heads at every scale (scale 0, the same for
     all, once); the lowest KL wins and only the output heads change."""
     from castlora.start_scale import search_start
-    sites = model_sites(load_model(str(folders["llama"])))
-    lora = load_adapter(str(folders["adapter"]), sites)
-    pairs, _ = map_sites(lora.kernels, sites, proportional_layer_map(sites.num_layers, sites.num_layers))
-    ports = [(PortedKernel(p.kernel, p.target), p.target) for p in pairs]
-    for port, _ in ports:
-        port.set_identity()
-    w_in = [port.p_in.linear_part().clone() for port, _ in ports]
-    w_out = [port.p_out.linear_part().clone() for port, _ in ports]
+    ports, w_in, w_out = _identity_ports(folders)
     calls = []
 
     def kl_at():  # a stand-in objective with its minimum at 1.5 x the first candidate's heads
