@@ -62,6 +62,10 @@ RUNS = {
     # and mistral kjv LoRAs copied from m18 (same recipe and seed), neox's trained here
     "m20a": dict(pairs=["llama->neox", "neox->llama"], tasks=["kjv"], methods=GEN, cast_steps=150, generate=400),
     "m20b": dict(pairs=["mistral->llama"], tasks=["kjv"], methods=GEN, cast_steps=150, generate=400),
+    # kjv neox->llama split in two so that CAST and its control run side by side on the two cores;
+    # the LoRAs of m20a (llama's copied from m18, neox's trained there)
+    "m20c": dict(pairs=["neox->llama"], tasks=["kjv"], methods=GEN[:-1], cast_steps=150, generate=400),
+    "m20d": dict(pairs=["neox->llama"], tasks=["kjv"], methods=["imitation_gen"], cast_steps=150, generate=400),
 }
 
 name = sys.argv[1]
