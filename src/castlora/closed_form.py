@@ -116,19 +116,9 @@ def output_head_weights(ports: list[tuple[PortedKernel, Site]], fits: list[tuple
 
 
 @torch.no_grad()
-def closed_form_init(ports: list[tuple[PortedKernel, Site]], source_inner, target, source_paths: list[str],
-                     batches, lam: float | None = None, fits: list[tuple[_Fit, _Fit]] | None = None) -> dict:
-    """Set every port's heads to the ridge solution on `batches` (PairBatch list). Returns stats.
-
-    `lam` None (the default): each head's penalty is chosen from RIDGE_GRID by 2-fold
-    cross-validation (alternate batches, or alternate positions when there is one batch). The
-    right penalty differs by orders of magnitude: near zero when source and target are the same
-    model (the fit must be the identity), larger across families where the relation is noisy.
-    `fits`: statistics already accumulated on `batches` (accumulate_fits), to reuse.
-    """
-    n = None
-    if fits is None:
-        fits, n = accumulate_fits(ports, source_inner, target, source_paths, batches)
+def apply_fits(ports: list[tuple[PortedKernel, Site]], fits: list[tuple[_Fit, _Fit]], lam: float | None,
+               positions: int) -> dict:
+    """Set every port's heads to the ridge solution of its statistics (accumulate_fits). Returns stats."""
     chosen = []
     for (port, _), (f_in, f_out) in zip(ports, fits):
         p_in, lam_in, cv_in = f_in.solve(lam)  # r x d_in_T
@@ -138,9 +128,22 @@ def closed_form_init(ports: list[tuple[PortedKernel, Site]], source_inner, targe
         chosen.append({"kernel": port.source_key, "ridge_in": lam_in, "ridge_out": lam_out,
                        "cv_error_in": None if cv_in is None else round(cv_in, 5),
                        "cv_error_out": None if cv_out is None else round(cv_out, 5)})
-    if n is None:
-        n = sum(int(b.pos_mask.sum()) for b in batches)
-    return {"calibration_positions": n, "ridge": lam if lam is not None else "cross-validated", "heads": chosen}
+    return {"calibration_positions": positions, "ridge": lam if lam is not None else "cross-validated",
+            "heads": chosen}
+
+
+@torch.no_grad()
+def closed_form_init(ports: list[tuple[PortedKernel, Site]], source_inner, target, source_paths: list[str],
+                     batches, lam: float | None = None) -> dict:
+    """Set every port's heads to the ridge solution on `batches` (PairBatch list). Returns stats.
+
+    `lam` None (the default): each head's penalty is chosen from RIDGE_GRID by 2-fold
+    cross-validation (alternate batches, or alternate positions when there is one batch). The
+    right penalty differs by orders of magnitude: near zero when source and target are the same
+    model (the fit must be the identity), larger across families where the relation is noisy.
+    """
+    fits, n = accumulate_fits(ports, source_inner, target, source_paths, batches)
+    return apply_fits(ports, fits, lam, n)
 
 
 @torch.no_grad()
@@ -161,4 +164,4 @@ def zero_output_heads(ports: list[tuple[PortedKernel, Site]]) -> None:
         port.p_out.linear_part().zero_()
 
 
-__all__ = ["accumulate_fits", "closed_form_init", "output_head_weights", "random_init", "zero_output_heads", "gather_aligned", "ridge"]
+__all__ = ["accumulate_fits", "apply_fits", "closed_form_init", "output_head_weights", "random_init", "zero_output_heads", "gather_aligned", "ridge"]

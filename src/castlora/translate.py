@@ -22,7 +22,7 @@ from . import __version__
 from .baselines.weight_space import weight_space_factors
 from .adapters import PICKLE_NAMES, SAFETENSORS_NAME, load_adapter, read_adapter_folder
 from .cast_module import PortedKernel, attached
-from .closed_form import accumulate_fits, closed_form_init, gather_aligned, output_head_weights, random_init, \
+from .closed_form import accumulate_fits, apply_fits, gather_aligned, output_head_weights, random_init, \
     zero_output_heads
 from .capture import capture
 from .config import TranslateConfig, build, to_dict
@@ -254,9 +254,8 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
         # downstream of its first adapted layer carry the LoRA's own effect, which the base target
         # cannot predict (on llama->llama that alone made the fit miss the identity by >100%).
         with source.disable_adapter():
-            fits, _ = accumulate_fits(ports, source_inner, tgt, [p.source_module for p, _ in ports], calib)
-        init_info = closed_form_init(ports, source_inner, tgt, [], calib, None if cfg.ridge < 0 else cfg.ridge,
-                                     fits=fits)
+            fits, positions = accumulate_fits(ports, source_inner, tgt, [p.source_module for p, _ in ports], calib)
+        init_info = apply_fits(ports, fits, None if cfg.ridge < 0 else cfg.ridge, positions)
         if cfg.init == "zero-delta":
             # Across families CAST-0's delta can point the wrong way (below the base, docs/results.md);
             # with the output heads at zero the port starts at the target base and the input heads
