@@ -66,6 +66,10 @@ RUNS = {
     # the LoRAs of m20a (llama's copied from m18, neox's trained there)
     "m20c": dict(pairs=["neox->llama"], tasks=["kjv"], methods=GEN[:-1], cast_steps=150, generate=400),
     "m20d": dict(pairs=["neox->llama"], tasks=["kjv"], methods=["imitation_gen"], cast_steps=150, generate=400),
+    # session 7: kjv llama->neox, CAST and its control side by side (m20a ran its data-free rows);
+    # the LoRAs of m20a copied into runs/m21a/loras and runs/m21b/loras
+    "m21a": dict(pairs=["llama->neox"], tasks=["kjv"], methods=["cast_source_gen"], cast_steps=150, generate=400),
+    "m21b": dict(pairs=["llama->neox"], tasks=["kjv"], methods=["imitation_gen"], cast_steps=150, generate=400),
 }
 
 name = sys.argv[1]

@@ -153,6 +153,17 @@ def test_delta_teacher_tilts_by_the_lora_effect():
     assert kl_divergence(teacher, lp_t).item() > 1e-3
 
 
+def test_delta_weight_interpolates_between_source_and_delta_teachers():
+    lp_t, lp_s, lp_sl = _logp((6, 11), 0), _logp((6, 11), 1), _logp((6, 11), 2)
+    torch.testing.assert_close(delta_teacher(lp_t, lp_sl, lp_s, weight=0.0), lp_sl)  # the source teacher
+    half = delta_teacher(lp_t, lp_sl, lp_s, weight=0.5)
+    torch.testing.assert_close(half, torch.log_softmax(lp_sl + 0.5 * (lp_t - lp_s), -1))
+    torch.testing.assert_close(half.exp().sum(-1), torch.ones(6))
+    # halfway in log space: the midpoint's KL to either end is below the KL between the ends
+    ends = kl_divergence(delta_teacher(lp_t, lp_sl, lp_s), lp_sl).item()
+    assert 0 < kl_divergence(half, lp_sl).item() < ends
+
+
 def test_kl_divergence_zero_for_identical_and_positive_otherwise():
     p, q = _logp((7, 13), 0), _logp((7, 13), 1)
     assert abs(kl_divergence(p, p).item()) < 1e-7

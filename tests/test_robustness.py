@@ -440,6 +440,12 @@ def test_corpus_empty_or_not_utf8_fails_before_loading(env, tmp_path, capsys, no
     _seen("corpus-not-utf8", msg)
 
 
+def test_non_finite_delta_weight_fails_before_loading(env, tmp_path, capsys, no_load):
+    msg = _cli_error(_argv(env, tmp_path / "out", extra=("--teacher", "delta", "--delta-weight", "nan")), capsys)
+    assert "--delta-weight must be a finite number" in msg and "not nan" in msg
+    assert not (tmp_path / "out").exists()
+
+
 def test_corpus_too_short_for_the_steps(env, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("\n\n\n".join(d[:300] for d in read_docs("data", "general", "valid.txt.gz", n=4)),

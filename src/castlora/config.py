@@ -37,6 +37,9 @@ class TranslateConfig:
     beta: float = opt(0.1, "weight of the relative-MSE term")
     temperature: float = opt(1.0, "distillation temperature tau")
     teacher: str = opt("source", "teacher distribution", ("source", "delta", "source_base"))
+    delta_weight: float = opt(1.0, "with --teacher delta: log p = log p_S+LoRA + w (log p_T - log p_S), "
+                                   "renormalised; 1 = the delta teacher (the target's own base, tilted by the "
+                                   "LoRA), 0 = the source teacher")
     position_weight: str = opt("uniform", "weight of each aligned position in the KL. lora-effect: its "
                                           "KL(source+LoRA || source), over the batch mean, so training dwells where "
                                           "the LoRA acts (one more source pass per step). It lost on shakespeare "

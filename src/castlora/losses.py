@@ -15,10 +15,14 @@ def shared_log_probs(logits: torch.Tensor, vocab_ids: torch.Tensor | None, tau: 
 
 
 def delta_teacher(logp_target_base: torch.Tensor, logp_source_lora: torch.Tensor,
-                  logp_source_base: torch.Tensor) -> torch.Tensor:
+                  logp_source_base: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
     """log p = log p_T + (log p_S+LoRA - log p_S), renormalised: T's own distribution, tilted by
-    exactly what the LoRA changes on S. With a zero LoRA it is p_T itself."""
-    return F.log_softmax(logp_target_base + (logp_source_lora - logp_source_base), dim=-1)
+    exactly what the LoRA changes on S. With a zero LoRA it is p_T itself.
+
+    `weight` w swaps only part of the source base for the target's:
+    log p = log p_S+LoRA + w (log p_T - log p_S). w = 1 is the delta teacher above, w = 0 the
+    source teacher; in between, the teacher keeps some of S+LoRA's absolute predictions."""
+    return F.log_softmax(logp_source_lora + weight * (logp_target_base - logp_source_base), dim=-1)
 
 
 def position_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:

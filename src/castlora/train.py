@@ -45,6 +45,7 @@ class LoopConfig:
     beta: float = 0.1
     temperature: float = 1.0
     teacher: str = "source"
+    delta_weight: float = 1.0  # teacher "delta": log p_S+LoRA + delta_weight * (log p_T - log p_S)
     position_weight: str = "uniform"  # "lora-effect": weight each position's KL by KL(S+LoRA || S) there
     warmup: int = 20
     grad_clip: float = 1.0
@@ -84,7 +85,7 @@ def autocast(device: torch.device, amp: str):
 
 def teacher_outputs(source, source_inner, target, wrappers, ports: list[tuple[PortedKernel, Site]],
                     batch: PairBatch, cols: SharedVocab, teacher: str, tau: float, want_z: bool,
-                    position_weight: str = "uniform") -> TeacherOutput:
+                    position_weight: str = "uniform", delta_weight: float = 1.0) -> TeacherOutput:
     """The source side of a step (no grad): the teacher's log-probs over the shared vocabulary at
     the aligned positions, each kernel's view of its source-site inputs (for the MSE term), and
     with `position_weight` "lora-effect" each position's weight: KL(S+LoRA || S) there over its
@@ -122,8 +123,8 @@ def teacher_outputs(source, source_inner, target, wrappers, ports: list[tuple[Po
         with deltas_off(wrappers):
             t_logits = target(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
         lp_t = shared_log_probs(gather_aligned(t_logits, batch.pos_t, batch.pos_mask), cols.ids_t, tau)
-        return TeacherOutput(logp=delta_teacher(lp_t, lp_lora.to(lp_t.device), lp_base.to(lp_t.device)), z=z,
-                             weight=weight)
+        return TeacherOutput(logp=delta_teacher(lp_t, lp_lora.to(lp_t.device), lp_base.to(lp_t.device),
+                                                delta_weight), z=z, weight=weight)
 
 
 def cast_loss(source, source_inner, target, wrappers, ports: list[tuple[PortedKernel, Site]], batch: PairBatch,
@@ -140,7 +141,7 @@ def cast_loss(source, source_inner, target, wrappers, ports: list[tuple[PortedKe
             t_out = cache.load(step, batch)
         if t_out is None:
             t_out = teacher_outputs(source, source_inner, target, wrappers, ports, batch, cols, cfg.teacher,
-                                    cfg.temperature, cfg.beta > 0, cfg.position_weight)
+                                    cfg.temperature, cfg.beta > 0, cfg.position_weight, cfg.delta_weight)
             if cache is not None:  # the same top-k whether the step was read or computed: same heads
                 t_out = t_out.top_k(cache.top_k)
                 cache.save(step, batch, t_out)
@@ -169,7 +170,8 @@ def held_out_kl(source, source_inner, target, wrappers, ports: list[tuple[Ported
     with torch.no_grad(), step_setup(source_inner, target, vocab, [], cfg) as cols:
         with autocast(device, cfg.amp):
             teachers = [teacher_outputs(source, source_inner, target, wrappers, ports, b, cols, cfg.teacher,
-                                        cfg.temperature, False, cfg.position_weight) for b in batches]
+                                        cfg.temperature, False, cfg.position_weight, cfg.delta_weight)
+                        for b in batches]
 
         def kl_at() -> float:
             kls = [cast_loss(source, source_inner, target, wrappers, ports, b, cols, cfg, teacher_out=t)[1].item()

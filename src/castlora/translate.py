@@ -75,6 +75,9 @@ def check_inputs(cfg: TranslateConfig) -> None:
                             "pass --overwrite instead of --resume to redo it")
     if cfg.steps < 0 or cfg.batch_size < 1 or cfg.seq_len < 8 or not cfg.max_epochs > 0:
         raise CastloraError("--steps must be >= 0, --batch-size >= 1, --seq-len >= 8 and --max-epochs > 0")
+    if not math.isfinite(cfg.delta_weight):
+        raise CastloraError(f"--delta-weight must be a finite number (1 = the delta teacher, 0 = the source "
+                            f"teacher), not {cfg.delta_weight}")
 
 
 def _device_map(spec: str, which: str):
@@ -274,7 +277,8 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
         if cfg.steps > 0:
             amp = cfg.amp if cfg.amp != "auto" else ("bf16" if str(cfg.device).startswith("cuda") else "off")
             loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, alpha=cfg.alpha, beta=cfg.beta,
-                              temperature=cfg.temperature, teacher=cfg.teacher, position_weight=cfg.position_weight,
+                              temperature=cfg.temperature, teacher=cfg.teacher, delta_weight=cfg.delta_weight,
+                              position_weight=cfg.position_weight,
                               warmup=min(20, max(1, cfg.steps // 10)), checkpoint_every=cfg.checkpoint_every,
                               amp=amp, checkpointing=cfg.gradient_checkpointing)
             # The calibration batches are held out of training: the start (and, for --init scaled, its
@@ -312,6 +316,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
                 cache = TeacherCache(cfg.teacher_cache, {
                     "source": str(cfg.source), "adapter": _adapter_digest(cfg.adapter),
                     "target": str(cfg.target) if cfg.teacher == "delta" else None, "teacher": cfg.teacher,
+                    "delta_weight": cfg.delta_weight if cfg.teacher == "delta" else None,
                     "position_weight": cfg.position_weight, "temperature": cfg.temperature, "dtype": cfg.dtype, "amp": amp,
                     "vocab": text_digest([str(vocab.ids_s.tolist()), str(vocab.ids_t.tolist())]),
                     "kernels": [p.source_module for p, _ in ports] if cfg.beta > 0 else None}, cfg.teacher_top_k)
