@@ -70,6 +70,12 @@ RUNS = {
     # the LoRAs of m20a copied into runs/m21a/loras and runs/m21b/loras
     "m21a": dict(pairs=["llama->neox"], tasks=["kjv"], methods=["cast_source_gen"], cast_steps=150, generate=400),
     "m21b": dict(pairs=["llama->neox"], tasks=["kjv"], methods=["imitation_gen"], cast_steps=150, generate=400),
+    # a second CAST seed (data order, generated text, calibration batches) on the same LoRAs, copied
+    # from m19a: how far one seed moves a cell
+    "m22a": dict(pairs=["llama->mistral"], tasks=["shakespeare"], methods=["cast_source_gen"], cast_steps=150,
+                 generate=400, seed=1),
+    "m22b": dict(pairs=["neox->llama"], tasks=["shakespeare"], methods=["cast_source_gen"], cast_steps=150,
+                 generate=400, seed=1),
 }
 
 name = sys.argv[1]
