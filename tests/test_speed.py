@@ -14,15 +14,15 @@ from test_translate import QUIET, _make_lora, _ports, folders  # noqa: F401  (mo
 
 import castlora
 from castlora.adapters import load_adapter
-from castlora.cast_module import attached
+from castlora.cast_module import attached, deltas_off
 from castlora.checkpointing import checkpointed_blocks
-from castlora.closed_form import random_init
+from castlora.closed_form import gather_aligned, random_init
 from castlora.errors import CastloraError
 from castlora.families import model_sites
-from castlora.losses import kl_divergence, topk_kl
+from castlora.losses import delta_teacher, kl_divergence, shared_log_probs, topk_kl
 from castlora.site_map import proportional_layer_map
 from castlora.tokens import PairBatch, SharedVocab
-from castlora.train import LoopConfig, cast_loss, step_setup
+from castlora.train import LoopConfig, cast_loss, step_setup, teacher_outputs
 from castlora.vocab_head import SharedVocabHead, shared_logits
 
 IDS = torch.tensor([5, 3, 90, 17, 64, 2, 127])
@@ -96,6 +96,39 @@ def _loss_and_grads(step_parts, cfg, restrict=True, cache=None, step=0):
             loss.backward()
     grads = [p.grad.clone() for port, _ in ports for p in port.parameters()]
     return loss.detach(), kl.detach(), mse.detach(), grads
+
+
+def test_every_teacher_is_a_blend_and_the_control_switches_only_the_lora_off(step_parts):
+    """source / blend / delta are log p_S+LoRA + w (log p_T - log p_S) at w = 0 / --delta-weight / 1;
+    --no-teacher-lora puts the source base in the place of S+LoRA and changes nothing else."""
+    pm, inner, tgt, t_sites, ports, vocab = step_parts
+    batch = _batch()
+    with attached(tgt, ports) as wrappers, torch.no_grad():
+        def teach(teacher, w=0.5, lora=True):
+            return teacher_outputs(pm, inner, tgt, wrappers, ports, batch, vocab, teacher, 1.0, False,
+                                   delta_weight=w, teacher_lora=lora).logp
+
+        def logp(model, ids, mask, pos, cols):
+            out = model(input_ids=ids, attention_mask=mask).logits
+            return shared_log_probs(gather_aligned(out, pos, batch.pos_mask), cols)
+
+        lp_sl = logp(pm, batch.ids_s, batch.mask_s, batch.pos_s, vocab.ids_s)
+        with pm.disable_adapter():
+            lp_s = logp(pm, batch.ids_s, batch.mask_s, batch.pos_s, vocab.ids_s)
+        with deltas_off(wrappers):  # the target's own base
+            lp_t = logp(tgt, batch.ids_t, batch.mask_t, batch.pos_t, vocab.ids_t)
+        close = dict(rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(teach("source"), lp_sl, **close)
+        torch.testing.assert_close(teach("blend", 0.0), lp_sl, **close)
+        torch.testing.assert_close(teach("blend", 0.3), delta_teacher(lp_t, lp_sl, lp_s, 0.3), **close)
+        torch.testing.assert_close(teach("delta", 0.3), delta_teacher(lp_t, lp_sl, lp_s, 1.0), **close)  # w fixed
+        # the imitation controls: the LoRA off, the rest of the teacher as it was
+        torch.testing.assert_close(teach("source", lora=False), lp_s, **close)
+        torch.testing.assert_close(teach("source_base"), lp_s, **close)
+        torch.testing.assert_close(teach("blend", 0.3, lora=False), torch.log_softmax(lp_s + 0.3 * (lp_t - lp_s), -1),
+                                   **close)
+        torch.testing.assert_close(teach("delta", lora=False), lp_t, **close)  # no LoRA, no tilt: the target
+        assert kl_divergence(teach("blend", 0.3), teach("blend", 0.3, lora=False)).item() > 1e-3
 
 
 def test_lm_weight_adds_the_targets_own_next_token_loss(step_parts):

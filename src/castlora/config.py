@@ -39,10 +39,15 @@ class TranslateConfig:
                                 "text itself, in its own tokens: general text keeps its own competence, generated "
                                 "text is the source's samples. It needs the target's full output layer")
     temperature: float = opt(1.0, "distillation temperature tau")
-    teacher: str = opt("source", "teacher distribution", ("source", "delta", "source_base"))
-    delta_weight: float = opt(1.0, "with --teacher delta: log p = log p_S+LoRA + w (log p_T - log p_S), "
-                                   "renormalised; 1 = the delta teacher (the target's own base, tilted by the "
-                                   "LoRA), 0 = the source teacher")
+    teacher: str = opt("source", "teacher distribution: log p_S+LoRA + w (log p_T - log p_S), renormalised. "
+                                 "source: w = 0 (source+LoRA itself); delta: w = 1 (the target's own base, tilted "
+                                 "by the LoRA); blend: w = --delta-weight; source_base: the source without its "
+                                 "LoRA (= source with --no-teacher-lora)",
+                       ("source", "blend", "delta", "source_base"))
+    delta_weight: float = opt(0.5, "w of --teacher blend: how much of the source base the teacher swaps for the "
+                                   "target's own base")
+    teacher_lora: bool = opt(True, "the teacher's source side runs with the LoRA. --no-teacher-lora is the "
+                                   "imitation control: the same teacher and training with the LoRA switched off")
     position_weight: str = opt("uniform", "weight of each aligned position in the KL. lora-effect: its "
                                           "KL(source+LoRA || source), over the batch mean, so training dwells where "
                                           "the LoRA acts (one more source pass per step). It lost on shakespeare "

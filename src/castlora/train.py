@@ -34,7 +34,9 @@ from .teacher_cache import TeacherCache, TeacherOutput
 from .tokens import PairBatch, SharedVocab
 from .vocab_head import shared_logits
 
-TEACHERS = ("source", "delta", "source_base")
+TEACHERS = ("source", "blend", "delta", "source_base")
+# how much of the source base each teacher swaps for the target base (losses.delta_teacher's weight)
+TEACHER_DELTA_WEIGHT = {"source": 0.0, "source_base": 0.0, "delta": 1.0}
 POSITION_WEIGHTS = ("uniform", "lora-effect")
 
 
@@ -47,7 +49,8 @@ class LoopConfig:
     lm_weight: float = 0.0  # weight of the student's own next-token loss on the training text (target tokens)
     temperature: float = 1.0
     teacher: str = "source"
-    delta_weight: float = 1.0  # teacher "delta": log p_S+LoRA + delta_weight * (log p_T - log p_S)
+    delta_weight: float = 0.5  # teacher "blend": log p_S+LoRA + delta_weight * (log p_T - log p_S)
+    teacher_lora: bool = True  # False: the teacher's source side without the LoRA (the imitation control)
     position_weight: str = "uniform"  # "lora-effect": weight each position's KL by KL(S+LoRA || S) there
     warmup: int = 20
     grad_clip: float = 1.0
@@ -87,12 +90,18 @@ def autocast(device: torch.device, amp: str):
 
 def teacher_outputs(source, source_inner, target, wrappers, ports: list[tuple[PortedKernel, Site]],
                     batch: PairBatch, cols: SharedVocab, teacher: str, tau: float, want_z: bool,
-                    position_weight: str = "uniform", delta_weight: float = 1.0) -> TeacherOutput:
+                    position_weight: str = "uniform", delta_weight: float = 0.5,
+                    teacher_lora: bool = True) -> TeacherOutput:
     """The source side of a step (no grad): the teacher's log-probs over the shared vocabulary at
     the aligned positions, each kernel's view of its source-site inputs (for the MSE term), and
     with `position_weight` "lora-effect" each position's weight: KL(S+LoRA || S) there over its
     batch mean, so the KL dwells where the LoRA acts and not where the teacher only holds the
-    source base's habits (the imitation control's whole signal)."""
+    source base's habits (the imitation control's whole signal).
+
+    Every teacher is log p_S+LoRA + w (log p_T - log p_S), renormalised: w = 0 for "source", 1 for
+    "delta", `delta_weight` for "blend". `teacher_lora` False puts the source base in the place of
+    S+LoRA: the same teacher with the LoRA switched off, the imitation control ("source_base" is
+    "source" without the LoRA)."""
     source_paths = sorted({p.source_module for p, _ in ports}) if want_z else []
 
     def logp_source(use_lora: bool):
@@ -111,22 +120,23 @@ def teacher_outputs(source, source_inner, target, wrappers, ports: list[tuple[Po
         if want_z:
             z = [gather_aligned(inputs[port.source_module], batch.pos_s, batch.pos_mask).to(port.in_basis.device)
                  .float() @ port.in_basis for port, _ in ports]
-        if teacher == "source" and position_weight == "uniform":
+        use_lora = teacher_lora and teacher != "source_base"
+        w = TEACHER_DELTA_WEIGHT.get(teacher, delta_weight)
+        if use_lora and w == 0 and position_weight == "uniform":
             return TeacherOutput(logp=lp_lora, z=z)
         lp_base, _ = logp_source(False)
         weight = None
-        if position_weight == "lora-effect":
+        if position_weight == "lora-effect":  # the LoRA's real effect, also in the imitation control
             effect = lora_effect(lp_lora, lp_base)
             weight = effect / effect.mean().clamp_min(1e-12)
-        if teacher == "source":
-            return TeacherOutput(logp=lp_lora, z=z, weight=weight)
-        if teacher == "source_base":
-            return TeacherOutput(logp=lp_base, z=z, weight=weight)
+        lp_teach = lp_lora if use_lora else lp_base
+        if w == 0:
+            return TeacherOutput(logp=lp_teach, z=z, weight=weight)
         with deltas_off(wrappers):
             t_logits = target(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
         lp_t = shared_log_probs(gather_aligned(t_logits, batch.pos_t, batch.pos_mask), cols.ids_t, tau)
-        return TeacherOutput(logp=delta_teacher(lp_t, lp_lora.to(lp_t.device), lp_base.to(lp_t.device),
-                                                delta_weight), z=z, weight=weight)
+        return TeacherOutput(logp=delta_teacher(lp_t, lp_teach.to(lp_t.device), lp_base.to(lp_t.device), w),
+                             z=z, weight=weight)
 
 
 def cast_loss(source, source_inner, target, wrappers, ports: list[tuple[PortedKernel, Site]], batch: PairBatch,
@@ -143,7 +153,8 @@ def cast_loss(source, source_inner, target, wrappers, ports: list[tuple[PortedKe
             t_out = cache.load(step, batch)
         if t_out is None:
             t_out = teacher_outputs(source, source_inner, target, wrappers, ports, batch, cols, cfg.teacher,
-                                    cfg.temperature, cfg.beta > 0, cfg.position_weight, cfg.delta_weight)
+                                    cfg.temperature, cfg.beta > 0, cfg.position_weight, cfg.delta_weight,
+                                    cfg.teacher_lora)
             if cache is not None:  # the same top-k whether the step was read or computed: same heads
                 t_out = t_out.top_k(cache.top_k)
                 cache.save(step, batch, t_out)
@@ -175,7 +186,8 @@ def held_out_kl(source, source_inner, target, wrappers, ports: list[tuple[Ported
     with torch.no_grad(), step_setup(source_inner, target, vocab, [], cfg) as cols:
         with autocast(device, cfg.amp):
             teachers = [teacher_outputs(source, source_inner, target, wrappers, ports, b, cols, cfg.teacher,
-                                        cfg.temperature, False, cfg.position_weight, cfg.delta_weight)
+                                        cfg.temperature, False, cfg.position_weight, cfg.delta_weight,
+                                        cfg.teacher_lora)
                         for b in batches]
 
         def kl_at() -> float:

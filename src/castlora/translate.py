@@ -78,8 +78,8 @@ def check_inputs(cfg: TranslateConfig) -> None:
     if not (math.isfinite(cfg.lm_weight) and cfg.lm_weight >= 0):
         raise CastloraError(f"--lm-weight must be a finite number >= 0 (0 = no next-token term), not {cfg.lm_weight}")
     if not math.isfinite(cfg.delta_weight):
-        raise CastloraError(f"--delta-weight must be a finite number (1 = the delta teacher, 0 = the source "
-                            f"teacher), not {cfg.delta_weight}")
+        raise CastloraError(f"--delta-weight must be a finite number (with --teacher blend; 1 = the delta "
+                            f"teacher, 0 = the source teacher), not {cfg.delta_weight}")
 
 
 def _device_map(spec: str, which: str):
@@ -280,6 +280,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
             amp = cfg.amp if cfg.amp != "auto" else ("bf16" if str(cfg.device).startswith("cuda") else "off")
             loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, alpha=cfg.alpha, beta=cfg.beta, lm_weight=cfg.lm_weight,
                               temperature=cfg.temperature, teacher=cfg.teacher, delta_weight=cfg.delta_weight,
+                              teacher_lora=cfg.teacher_lora,
                               position_weight=cfg.position_weight,
                               warmup=min(20, max(1, cfg.steps // 10)), checkpoint_every=cfg.checkpoint_every,
                               amp=amp, checkpointing=cfg.gradient_checkpointing)
@@ -317,8 +318,9 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
             if cfg.teacher_cache:
                 cache = TeacherCache(cfg.teacher_cache, {
                     "source": str(cfg.source), "adapter": _adapter_digest(cfg.adapter),
-                    "target": str(cfg.target) if cfg.teacher == "delta" else None, "teacher": cfg.teacher,
-                    "delta_weight": cfg.delta_weight if cfg.teacher == "delta" else None,
+                    "target": str(cfg.target) if cfg.teacher in ("delta", "blend") else None,
+                    "teacher": cfg.teacher, "delta_weight": cfg.delta_weight if cfg.teacher == "blend" else None,
+                    "teacher_lora": cfg.teacher_lora,
                     "position_weight": cfg.position_weight, "temperature": cfg.temperature, "dtype": cfg.dtype, "amp": amp,
                     "vocab": text_digest([str(vocab.ids_s.tolist()), str(vocab.ids_t.tolist())]),
                     "kernels": [p.source_module for p, _ in ports] if cfg.beta > 0 else None}, cfg.teacher_top_k)

@@ -36,6 +36,9 @@ METHODS: dict[str, dict] = {
     "cast_source_gen": {"teacher": "source", "generate": -1},
     "cast_delta_gen": {"teacher": "delta", "generate": -1},
     "imitation_gen": {"teacher": "source_base", "generate": -1},
+    # the blend teacher (w = 0.5, chosen on validation text: docs/results.md, session 7) and its control
+    "cast_blend_gen": {"teacher": "blend", "delta_weight": 0.5, "generate": -1},
+    "imitation_blend_gen": {"teacher": "blend", "delta_weight": 0.5, "teacher_lora": False, "generate": -1},
     # The exact-match recipe chosen on validation examples (benchmarks/levers.py, docs/results.md):
     # start at the target base (zero output heads) and train faster; its imitation control beside it.
     "cast_delta_gen_zd": {"teacher": "delta", "generate": -1, "init": "zero-delta", "lr": 1e-2},
