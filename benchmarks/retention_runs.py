@@ -76,6 +76,12 @@ RUNS = {
                  generate=400, seed=1),
     "m22b": dict(pairs=["neox->llama"], tasks=["shakespeare"], methods=["cast_source_gen"], cast_steps=150,
                  generate=400, seed=1),
+    # the blend teacher (w 0.5, chosen on validation text in session 7) and its control side by side,
+    # every cross-family shakespeare pair; the LoRAs of m19a (same recipe and seed)
+    "m23a": dict(pairs=["neox->llama", "mistral->llama", "llama->neox", "llama->mistral"], tasks=["shakespeare"],
+                 methods=["cast_blend_gen"], cast_steps=150, generate=400),
+    "m23b": dict(pairs=["neox->llama", "mistral->llama", "llama->neox", "llama->mistral"], tasks=["shakespeare"],
+                 methods=["imitation_blend_gen"], cast_steps=150, generate=400),
 }
 
 name = sys.argv[1]
