@@ -131,24 +131,6 @@ def test_every_teacher_is_a_blend_and_the_control_switches_only_the_lora_off(ste
         assert kl_divergence(teach("blend", 0.3), teach("blend", 0.3, lora=False)).item() > 1e-3
 
 
-def test_lm_weight_adds_the_targets_own_next_token_loss(step_parts):
-    """--lm-weight: the total is KL + beta MSE + w * the cross-entropy of the student's full-vocabulary
-    logits on the batch's own target tokens (step_setup keeps the full output layer for it)."""
-    pm, inner, tgt, t_sites, ports, vocab = step_parts
-    plain = _loss_and_grads(step_parts, LoopConfig(steps=1))
-    mixed = _loss_and_grads(step_parts, LoopConfig(steps=1, lm_weight=0.5))
-    torch.testing.assert_close(mixed[1], plain[1])  # the same KL and MSE
-    torch.testing.assert_close(mixed[2], plain[2])
-    batch = _batch()
-    with attached(tgt, ports), torch.no_grad():
-        logits = tgt(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
-    valid = (batch.mask_t[:, :-1] * batch.mask_t[:, 1:]).bool()
-    ce = torch.nn.functional.cross_entropy(logits[:, :-1][valid], batch.ids_t[:, 1:][valid])
-    assert ce > 1.0  # a real next-token loss on a random tiny model
-    torch.testing.assert_close(mixed[0], plain[0] + 0.5 * ce, rtol=1e-5, atol=1e-5)
-    assert any((a - b).abs().sum() > 0 for a, b in zip(mixed[3], plain[3]))  # it moves the heads
-
-
 @pytest.mark.parametrize("teacher", ["source", "delta"])
 def test_restricted_logits_and_checkpointing_leave_loss_and_gradients_unchanged(step_parts, teacher):
     plain = _loss_and_grads(step_parts, LoopConfig(steps=1, teacher=teacher), restrict=False)

@@ -35,9 +35,6 @@ class TranslateConfig:
                           "(docs/results.md)")
     alpha: float = opt(1.0, "weight of the KL term")
     beta: float = opt(0.1, "weight of the relative-MSE term")
-    lm_weight: float = opt(0.0, "weight of a next-token loss of the target (with the ported LoRA) on the training "
-                                "text itself, in its own tokens: general text keeps its own competence, generated "
-                                "text is the source's samples. It needs the target's full output layer")
     temperature: float = opt(1.0, "distillation temperature tau")
     teacher: str = opt("source", "teacher distribution: log p_S+LoRA + w (log p_T - log p_S), renormalised. "
                                  "source: w = 0 (source+LoRA itself); delta: w = 1 (the target's own base, tilted "

@@ -64,15 +64,6 @@ def topk_kl(values: torch.Tensor, index: torch.Tensor, logp_student: torch.Tenso
     return position_mean(kl, weight) * tau * tau
 
 
-def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting each next token of `ids` (B, L) from `logits` (B, L, V),
-    over the positions where both the token and its successor are real (`mask`)."""
-    valid = (mask[:, :-1] * mask[:, 1:]).bool()
-    if not valid.any():
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[:, :-1][valid].float(), ids[:, 1:][valid].to(logits.device))
-
-
 def relative_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """||pred - target||^2 / ||target||^2 over all positions."""
     return (pred.float() - target.float()).pow(2).sum() / target.float().pow(2).sum().clamp_min(1e-12)

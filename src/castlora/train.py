@@ -27,8 +27,7 @@ from .cast_module import CastLinear, PortedKernel, deltas_off
 from .closed_form import gather_aligned
 from .errors import CastloraError, TrainingDiverged
 from .families import Site
-from .losses import (delta_teacher, kl_divergence, lora_effect, next_token_loss, relative_mse, shared_log_probs,
-                     topk_kl)
+from .losses import delta_teacher, kl_divergence, lora_effect, relative_mse, shared_log_probs, topk_kl
 from .safe_io import is_disk_full
 from .teacher_cache import TeacherCache, TeacherOutput
 from .tokens import PairBatch, SharedVocab
@@ -46,7 +45,6 @@ class LoopConfig:
     lr: float = 2e-3
     alpha: float = 1.0
     beta: float = 0.1
-    lm_weight: float = 0.0  # weight of the student's own next-token loss on the training text (target tokens)
     temperature: float = 1.0
     teacher: str = "source"
     delta_weight: float = 0.5  # teacher "blend": log p_S+LoRA + delta_weight * (log p_T - log p_S)
@@ -166,14 +164,11 @@ def cast_loss(source, source_inner, target, wrappers, ports: list[tuple[PortedKe
     else:
         kl = topk_kl(t_out.values, t_out.index, lp_student, cfg.temperature, t_out.weight)
     mse = torch.zeros((), device=logits.device)
-    lm = torch.zeros((), device=logits.device)
-    if cfg.lm_weight > 0:  # the student's next-token loss on the text itself, in its own tokens
-        lm = next_token_loss(logits, batch.ids_t, batch.mask_t)
     if cfg.beta > 0:
         for (port, _), z_s in zip(ports, t_out.z):
             z_t = gather_aligned(port.last_z, batch.pos_t, batch.pos_mask)
             mse = mse + relative_mse(z_t, z_s.to(z_t.device)).to(mse.device) / len(ports)
-    return cfg.alpha * kl + cfg.beta * mse + cfg.lm_weight * lm, kl, mse
+    return cfg.alpha * kl + cfg.beta * mse, kl, mse
 
 
 @contextlib.contextmanager
@@ -181,7 +176,7 @@ def held_out_kl(source, source_inner, target, wrappers, ports: list[tuple[Ported
                 batches: list[PairBatch], vocab: SharedVocab, cfg: LoopConfig):
     """Yields a function that returns the mean KL to the teacher over `batches` with the heads as they
     are now. The teacher runs once per batch here; each call runs only the target."""
-    cfg = replace(cfg, beta=0.0, lm_weight=0.0, checkpointing=False)  # the KL alone; no backward, so no checkpointing
+    cfg = replace(cfg, beta=0.0, checkpointing=False)  # the KL alone; no backward, so no checkpointing
     device = next(target.parameters()).device
     with torch.no_grad(), step_setup(source_inner, target, vocab, [], cfg) as cols:
         with autocast(device, cfg.amp):
@@ -202,9 +197,7 @@ def held_out_kl(source, source_inner, target, wrappers, ports: list[tuple[Ported
 def step_setup(source_inner, target, vocab: SharedVocab, target_blocks: list[str], cfg: LoopConfig):
     """What every step runs inside: logits over the shared vocabulary only (both models), and the
     target's blocks checkpointed when asked. Yields the columns to pass to `cast_loss`."""
-    # the next-token term (lm_weight) needs the target's full output layer
-    target_cols = shared_logits(target, vocab.ids_t) if cfg.lm_weight == 0 else contextlib.nullcontext(vocab.ids_t)
-    with shared_logits(source_inner, vocab.ids_s) as cols_s, target_cols as cols_t, \
+    with shared_logits(source_inner, vocab.ids_s) as cols_s, shared_logits(target, vocab.ids_t) as cols_t, \
             checkpointed_blocks(target, target_blocks, cfg.checkpointing):
         yield SharedVocab(cols_s, cols_t)
 

@@ -75,8 +75,6 @@ def check_inputs(cfg: TranslateConfig) -> None:
                             "pass --overwrite instead of --resume to redo it")
     if cfg.steps < 0 or cfg.batch_size < 1 or cfg.seq_len < 8 or not cfg.max_epochs > 0:
         raise CastloraError("--steps must be >= 0, --batch-size >= 1, --seq-len >= 8 and --max-epochs > 0")
-    if not (math.isfinite(cfg.lm_weight) and cfg.lm_weight >= 0):
-        raise CastloraError(f"--lm-weight must be a finite number >= 0 (0 = no next-token term), not {cfg.lm_weight}")
     if not math.isfinite(cfg.delta_weight):
         raise CastloraError(f"--delta-weight must be a finite number (with --teacher blend; 1 = the delta "
                             f"teacher, 0 = the source teacher), not {cfg.delta_weight}")
@@ -278,7 +276,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
     with attached(tgt, ports) as wrappers:
         if cfg.steps > 0:
             amp = cfg.amp if cfg.amp != "auto" else ("bf16" if str(cfg.device).startswith("cuda") else "off")
-            loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, alpha=cfg.alpha, beta=cfg.beta, lm_weight=cfg.lm_weight,
+            loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, alpha=cfg.alpha, beta=cfg.beta,
                               temperature=cfg.temperature, teacher=cfg.teacher, delta_weight=cfg.delta_weight,
                               teacher_lora=cfg.teacher_lora,
                               position_weight=cfg.position_weight,
