@@ -222,7 +222,11 @@ def test_teacher_cache_is_filled_then_read_and_gives_the_same_heads(folders, tmp
     with pytest.raises(CastloraError, match="another batch"):
         run(tmp_path / "e", seed=1)
     manifest = json.loads((cache / "manifest.json").read_text())
-    assert manifest["top_k"] == 64 and manifest["teacher"] == "source"
+    # --teacher auto (the default) is stored as the teacher it chose, with the blend's weight
+    chosen = first.record["teacher"]["teacher"]
+    assert chosen in ("source", "blend") and first.record["config"]["teacher"] == "auto"
+    assert manifest["top_k"] == 64 and manifest["teacher"] == chosen
+    assert manifest["delta_weight"] == (0.5 if chosen == "blend" else None)
 
 
 def test_lora_effect_weights_travel_through_the_teacher_cache(folders, tmp_path):  # noqa: F811

@@ -36,11 +36,15 @@ class TranslateConfig:
     alpha: float = opt(1.0, "weight of the KL term")
     beta: float = opt(0.1, "weight of the relative-MSE term")
     temperature: float = opt(1.0, "distillation temperature tau")
-    teacher: str = opt("source", "teacher distribution: log p_S+LoRA + w (log p_T - log p_S), renormalised. "
-                                 "source: w = 0 (source+LoRA itself); delta: w = 1 (the target's own base, tilted "
-                                 "by the LoRA); blend: w = --delta-weight; source_base: the source without its "
-                                 "LoRA (= source with --no-teacher-lora)",
-                       ("source", "blend", "delta", "source_base"))
+    teacher: str = opt("auto", "teacher distribution: log p_S+LoRA + w (log p_T - log p_S), renormalised. "
+                               "source: w = 0 (source+LoRA itself); delta: w = 1 (the target's own base, tilted "
+                               "by the LoRA); blend: w = --delta-weight; source_base: the source without its "
+                               "LoRA (= source with --no-teacher-lora); auto: blend when the source base is the "
+                               "weaker model on the calibration text (more bits per byte), else source. On "
+                               "shakespeare validation text blend beat source from the weaker models (neox->llama "
+                               "0.606 against 0.391 of the gap) and lost from the stronger (llama->mistral 0.771 "
+                               "against 0.839; docs/results.md)",
+                       ("auto", "source", "blend", "delta", "source_base"))
     delta_weight: float = opt(0.5, "w of --teacher blend: how much of the source base the teacher swaps for the "
                                    "target's own base")
     teacher_lora: bool = opt(True, "the teacher's source side runs with the LoRA. --no-teacher-lora is the "

@@ -36,6 +36,7 @@ from .safe_io import atomic_folder, write_text_atomic
 from .site_map import cka_layer_map, map_sites, proportional_layer_map
 from .tokens import encode_pair, shared_vocab
 from .teacher_cache import TeacherCache, file_digest, text_digest
+from .teacher_choice import choose_teacher
 from .start_scale import OUTPUT_RIDGES, scale_output_heads, search_start, set_output_scale
 from .train import LoopConfig, fit_heads, held_out_kl
 
@@ -272,12 +273,17 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
     log(f"porting {len(ports)} kernels onto {len({s.path for _, s in ports})} target modules; "
         f"{sum(p.numel() for port, _ in ports for p in port.parameters())} head parameters")
     history, state, teacher_info, held_out_info = [], None, None, None
+    teacher, choice_info = cfg.teacher, None
+    if cfg.teacher == "auto" and cfg.steps > 0:  # from the base models alone, before the heads attach
+        teacher, choice_info = choose_teacher(source, tok_s, tgt, tok_t, calib_texts, max_len_t)
+        log(f"teacher: {teacher} (the source base spends {choice_info['source_bits_per_byte']} bits per byte on "
+            f"the calibration text, the target base {choice_info['target_bits_per_byte']})")
     log_file = workdir / "train_log.jsonl"
     with attached(tgt, ports) as wrappers:
         if cfg.steps > 0:
             amp = cfg.amp if cfg.amp != "auto" else ("bf16" if str(cfg.device).startswith("cuda") else "off")
             loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, alpha=cfg.alpha, beta=cfg.beta,
-                              temperature=cfg.temperature, teacher=cfg.teacher, delta_weight=cfg.delta_weight,
+                              temperature=cfg.temperature, teacher=teacher, delta_weight=cfg.delta_weight,
                               teacher_lora=cfg.teacher_lora,
                               position_weight=cfg.position_weight,
                               warmup=min(20, max(1, cfg.steps // 10)), checkpoint_every=cfg.checkpoint_every,
@@ -316,8 +322,8 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
             if cfg.teacher_cache:
                 cache = TeacherCache(cfg.teacher_cache, {
                     "source": str(cfg.source), "adapter": _adapter_digest(cfg.adapter),
-                    "target": str(cfg.target) if cfg.teacher in ("delta", "blend") else None,
-                    "teacher": cfg.teacher, "delta_weight": cfg.delta_weight if cfg.teacher == "blend" else None,
+                    "target": str(cfg.target) if teacher in ("delta", "blend") else None,
+                    "teacher": teacher, "delta_weight": cfg.delta_weight if teacher == "blend" else None,
                     "teacher_lora": cfg.teacher_lora,
                     "position_weight": cfg.position_weight, "temperature": cfg.temperature, "dtype": cfg.dtype, "amp": amp,
                     "vocab": text_digest([str(vocab.ids_s.tolist()), str(vocab.ids_t.tolist())]),
@@ -359,7 +365,8 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
         "source_family": s_sites.family.name, "target_family": t_sites.family.name,
         "layer_map": layer_map, "layer_map_kind": cfg.layer_map, "cka": cka_info,
         "site_map": [p.describe() for p in pairs], "dropped": dropped,
-        "config": to_dict(cfg), "init": init_info, "held_out_kl": held_out_info, "loss_curve": history,
+        "config": to_dict(cfg), "teacher": choice_info or {"teacher": teacher}, "init": init_info,
+        "held_out_kl": held_out_info, "loss_curve": history,
         "corpus_tokens_seen": state.tokens_seen if state else 0, "train_seconds": round(state.seconds, 2) if state else 0,
         "alignment": {"calibration_aligned_fraction": round(frac, 4), "shared_vocab": vocab.size},
         "corpus_docs": len(docs), **gen_info, "teacher_cache": teacher_info, "export_fit_error": fit_errors,
