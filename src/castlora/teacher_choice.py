@@ -9,7 +9,9 @@ the source base for the target's own, recovers far more (shakespeare validation 
 
 Which model is stronger is measured on the held-out calibration text, which both read whole: the
 total next-token loss of each base model over the same strings, in bits per UTF-8 byte, so that
-tokenizers of any size compare.
+tokenizers of any size compare. The margin can be thin: on the zoo, whose models trained on that
+very general text for 8 epochs, mistral and llama differ by 0.0014 bits per byte on it (1.2038
+against 1.2024; on held-out general text, 1.644 against 1.592), neox and llama by 0.045.
 """
 
 from __future__ import annotations
