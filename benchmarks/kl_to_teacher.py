@@ -13,8 +13,6 @@ validation text and on the task's validation text (the last training document, a
 DIR is a levers.py folder: DIR/loras/{model}_{task} and DIR/ports/NAME.
 """
 
-import sys
-from pathlib import Path
 
 import torch
 from peft import PeftModel
@@ -22,17 +20,15 @@ from peft import PeftModel
 from castlora.bench.tasks import get_task
 from castlora.closed_form import gather_aligned
 from castlora.corpus import make_chunks, read_corpus, read_documents
-from castlora.demo import shared_dir
 from castlora.losses import kl_divergence, shared_log_probs
-from castlora.models import load_model, load_tokenizer
-from castlora.tokens import encode_pair, shared_vocab
+from castlora.models import load_model
+from castlora.tokens import encode_pair
 
-task, src, tgt, out = sys.argv[1:5]
-ports = sys.argv[5:]
-shared, out = shared_dir(None), Path(out)
-zoo = shared / "zoo"
-tok_s, tok_t = load_tokenizer(str(zoo / src)), load_tokenizer(str(zoo / tgt))
-vocab = shared_vocab(tok_s, tok_t)
+from lever_folder import lever_folder
+
+lf = lever_folder()
+task, src, tgt, out, ports, shared, zoo = lf.task, lf.src, lf.tgt, lf.out, lf.ports, lf.shared, lf.zoo
+tok_s, tok_t, vocab = lf.tok_s, lf.tok_t, lf.vocab
 texts = {
     "general": make_chunks(read_corpus([str(shared / "data" / "general" / "valid.txt.gz")]), tok_s, 128, 32, seed=1),
     task: make_chunks(read_documents(get_task(task, shared, out / "tasks").train)[-1:], tok_s, 128, 32, seed=1),

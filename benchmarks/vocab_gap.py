@@ -13,25 +13,20 @@ Text: the task's validation text (the last training document, as in levers.py), 
 DIR is a levers.py folder: DIR/loras/{model}_{task} and DIR/ports/NAME.
 """
 
-import sys
-from pathlib import Path
 
 import torch
 from peft import PeftModel
 
 from castlora.bench.tasks import get_task
 from castlora.corpus import read_documents
-from castlora.demo import shared_dir
 from castlora.evaluate import text_windows
-from castlora.models import load_model, load_tokenizer
-from castlora.tokens import shared_vocab
+from castlora.models import load_model
 
-task, src, tgt, out = sys.argv[1:5]
-ports = sys.argv[5:]
-shared, out = shared_dir(None), Path(out)
-zoo = shared / "zoo"
-tok_s, tok_t = load_tokenizer(str(zoo / src)), load_tokenizer(str(zoo / tgt))
-vocab = shared_vocab(tok_s, tok_t)
+from lever_folder import lever_folder
+
+lf = lever_folder()
+task, src, tgt, out, ports, shared, zoo = lf.task, lf.src, lf.tgt, lf.out, lf.ports, lf.shared, lf.zoo
+tok_s, tok_t, vocab = lf.tok_s, lf.tok_t, lf.vocab
 docs = read_documents(get_task(task, shared, out / "tasks").train)[-1:]
 windows = text_windows(tok_t, docs, 256, 20000)
 in_shared = torch.zeros(max(len(tok_t), int(vocab.ids_t.max()) + 1), dtype=torch.bool)
