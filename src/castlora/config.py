@@ -40,7 +40,7 @@ class TranslateConfig:
                                "source: w = 0 (source+LoRA itself); delta: w = 1 (the target's own base, tilted "
                                "by the LoRA); blend: w = --delta-weight; source_base: the source without its "
                                "LoRA (= source with --no-teacher-lora); auto: blend when the source base is the "
-                               "weaker model on the calibration text (1% more bits per byte), else source. On "
+                               "weaker model on the calibration text (1 percent more bits per byte), else source. On "
                                "shakespeare validation text blend beat source from the weaker models (neox->llama "
                                "0.606 against 0.391 of the gap) and lost from the stronger (llama->mistral 0.771 "
                                "against 0.839; docs/results.md)",
