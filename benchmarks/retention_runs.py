@@ -71,7 +71,7 @@ RUNS = {
     "m21a": dict(pairs=["llama->neox"], tasks=["kjv"], methods=["cast_source_gen"], cast_steps=150, generate=400),
     "m21b": dict(pairs=["llama->neox"], tasks=["kjv"], methods=["imitation_gen"], cast_steps=150, generate=400),
     # a second CAST seed (data order, generated text, calibration batches) on the same LoRAs, copied
-    # from m19a: how far one seed moves a cell
+    # from m19a: how far one seed moves a cell (set up in session 7, not run: the blend took the time)
     "m22a": dict(pairs=["llama->mistral"], tasks=["shakespeare"], methods=["cast_source_gen"], cast_steps=150,
                  generate=400, seed=1),
     "m22b": dict(pairs=["neox->llama"], tasks=["shakespeare"], methods=["cast_source_gen"], cast_steps=150,
