@@ -82,6 +82,9 @@ RUNS = {
                  methods=["cast_blend_gen"], cast_steps=150, generate=400),
     "m23b": dict(pairs=["neox->llama", "mistral->llama", "llama->neox", "llama->mistral"], tasks=["shakespeare"],
                  methods=["imitation_blend_gen"], cast_steps=150, generate=400),
+    # kjv neox->llama, where auto takes the blend: CAST and its control side by side; LoRAs of m20c
+    "m24a": dict(pairs=["neox->llama"], tasks=["kjv"], methods=["cast_blend_gen"], cast_steps=150, generate=400),
+    "m24b": dict(pairs=["neox->llama"], tasks=["kjv"], methods=["imitation_blend_gen"], cast_steps=150, generate=400),
 }
 
 name = sys.argv[1]
