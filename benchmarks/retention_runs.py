@@ -85,6 +85,13 @@ RUNS = {
     # kjv neox->llama, where auto takes the blend: CAST and its control side by side; LoRAs of m20c
     "m24a": dict(pairs=["neox->llama"], tasks=["kjv"], methods=["cast_blend_gen"], cast_steps=150, generate=400),
     "m24b": dict(pairs=["neox->llama"], tasks=["kjv"], methods=["imitation_blend_gen"], cast_steps=150, generate=400),
+    # session 8: the paper's 1,000 steps on the weakest cell (shakespeare neox->llama, the blend that
+    # auto picks there) and its control side by side; 1,000 generated texts (1/8 of the stream, as in
+    # the 400-step lever that helped this pair) to keep generation near 10 CPU minutes; LoRAs of m23a
+    "m25a": dict(pairs=["neox->llama"], tasks=["shakespeare"], methods=["cast_blend_gen"], cast_steps=1000,
+                 generate=1000),
+    "m25b": dict(pairs=["neox->llama"], tasks=["shakespeare"], methods=["imitation_blend_gen"], cast_steps=1000,
+                 generate=1000),
 }
 
 name = sys.argv[1]
