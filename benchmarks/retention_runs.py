@@ -92,6 +92,11 @@ RUNS = {
                  generate=1000),
     "m25b": dict(pairs=["neox->llama"], tasks=["shakespeare"], methods=["imitation_blend_gen"], cast_steps=1000,
                  generate=1000),
+    # the default (--teacher auto, strength measured on general/valid) and its control on kjv
+    # mistral->llama, where auto now takes the blend; the LoRAs of m20b
+    "m26a": dict(pairs=["mistral->llama"], tasks=["kjv"], methods=["cast_auto_gen"], cast_steps=150, generate=400),
+    "m26b": dict(pairs=["mistral->llama"], tasks=["kjv"], methods=["imitation_auto_gen"], cast_steps=150,
+                 generate=400),
 }
 
 name = sys.argv[1]

@@ -111,3 +111,15 @@ def test_report_adds_the_graded_table_for_exact_tasks():
     assert "| a->b | g | 6.000 | 1.000 | 0.200 |" in md.split("graded")[1]
     lm_only = [{k: v for k, v in r.items() if not k.startswith("completion")} for r in rows]
     assert "graded" not in markdown_table({"rows": lm_only})
+
+
+def test_every_bench_method_is_valid_translate_options_with_its_control_beside_it():
+    from castlora.bench.runner import METHODS
+    from castlora.config import TranslateConfig, build
+
+    for name, opts in METHODS.items():
+        build(TranslateConfig, {}, {k: v for k, v in opts.items()})  # unknown keys or choices raise
+    # each CAST row's imitation control is the same run with the LoRA off in the teacher only
+    for cast, control in (("cast_blend_gen", "imitation_blend_gen"), ("cast_auto_gen", "imitation_auto_gen")):
+        assert METHODS[control] == {**METHODS[cast], "teacher_lora": False}
+    assert METHODS["cast_auto_gen"]["teacher"] == "auto" and METHODS["imitation_gen"]["teacher"] == "source_base"

@@ -20,7 +20,7 @@ import castlora
 from castlora.adapters import load_adapter
 from castlora.cast_module import PortedKernel, attached
 from castlora.closed_form import closed_form_init, gather_aligned, random_init
-from castlora.errors import CastloraError
+from castlora.errors import CastloraError, CorpusError
 from castlora.export import export_peft, module_factors
 from castlora.families import model_sites
 from castlora.losses import kl_divergence, shared_log_probs
@@ -215,6 +215,7 @@ def test_translate_end_to_end_llama_to_neox(folders, tmp_path):
     assert rec["castlora_version"] == castlora.__version__
     assert rec["config"]["steps"] == 25 and rec["config"]["teacher"] == "auto"
     assert rec["teacher"]["teacher"] in ("source", "blend") and rec["teacher"]["texts"] > 0
+    assert rec["teacher"]["measured_on"] == "corpus"  # no --strength-corpus: documents of --corpus
     assert [s["source"] for s in rec["site_map"]] == ["0.q", "0.v", "1.q", "1.v"]
     assert all(s["target_module"].endswith("attention.query_key_value") for s in rec["site_map"])
     assert rec["corpus_tokens_seen"] > 25 * 4 * 16
@@ -252,6 +253,31 @@ def test_translate_cast0_and_delta_teacher(folders, tmp_path):
     assert len(curve) == 2 and all(r["kl"] >= 0 and r["mse"] == 0.0 for r in curve)
     assert (outd / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cast0", "delta"]
+
+
+def test_teacher_auto_measures_strength_on_the_strength_corpus(folders, tmp_path):
+    # --strength-corpus: auto compares the base models on documents of that held-out text, not of
+    # --corpus, and castlora.json says which it was
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("\n\n\n".join(f"Held-out document {i}: the river rose after the long rain, and the "
+                                      f"bridge at the mill was closed for {i} days." for i in range(40)))
+    res = _run(folders, tmp_path / "port", steps=1, strength_corpus=[str(held_out)])
+    choice = res.record["teacher"]
+    assert res.record["config"]["strength_corpus"] == [str(held_out)]
+    assert choice["measured_on"] == "strength_corpus" and choice["teacher"] in ("source", "blend")
+    assert choice["texts"] == 40  # its 40 documents, whole (far below STRENGTH_CHARS)
+    assert choice["source_bits_per_byte"] > 0 and choice["target_bits_per_byte"] > 0
+
+
+def test_a_missing_strength_corpus_fails_before_any_model_loads(folders, tmp_path, monkeypatch):
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(translate_mod, "load_model", no_load)
+    missing = tmp_path / "no_such_text.txt"
+    with pytest.raises(CorpusError, match="no_such_text"):
+        _run(folders, tmp_path / "port", steps=1, strength_corpus=[str(missing)])
+    assert not (tmp_path / "port").exists()
 
 
 # --------------------------------------------------- e. delta teacher with a zero LoRA

@@ -40,13 +40,17 @@ class TranslateConfig:
                                "source: w = 0 (source+LoRA itself); delta: w = 1 (the target's own base, tilted "
                                "by the LoRA); blend: w = --delta-weight; source_base: the source without its "
                                "LoRA (= source with --no-teacher-lora); auto: blend when the source base is the "
-                               "weaker model on the calibration text (1 percent more bits per byte), else source. On "
+                               "weaker model (1 percent more bits per byte on documents of --strength-corpus, "
+                               "else of --corpus), else source. On "
                                "shakespeare validation text blend beat source from the weaker models (neox->llama "
                                "0.606 against 0.391 of the gap) and lost from the stronger (llama->mistral 0.771 "
                                "against 0.839; docs/results.md)",
                        ("auto", "source", "blend", "delta", "source_base"))
     delta_weight: float = opt(0.5, "w of --teacher blend: how much of the source base the teacher swaps for the "
                                    "target's own base")
+    strength_corpus: list = opt([], "held-out text on which --teacher auto measures which base model is the "
+                                    "stronger (files or a `datasets` name, like --corpus): text neither model "
+                                    "trained on measures it best. Default: documents of --corpus")
     teacher_lora: bool = opt(True, "the teacher's source side runs with the LoRA. --no-teacher-lora is the "
                                    "imitation control: the same teacher and training with the LoRA switched off")
     position_weight: str = opt("uniform", "weight of each aligned position in the KL. lora-effect: its "

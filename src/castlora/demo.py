@@ -42,6 +42,7 @@ def demo(shared: str | None = None, out: str = "runs/demo", source: str = "llama
     train_data = str(root / "data" / "domains" / task / "train.txt.gz")
     test_docs = read_documents(root / "data" / "domains" / task / "test.txt.gz")
     general = str(root / "data" / "general" / "train.txt.gz")
+    held_out = str(root / "data" / "general" / "valid.txt.gz")  # where --teacher auto compares the two models
     lora_steps, cast_steps, eval_tokens = (20, 10, 4000) if quick else (100, 100, 20000)
     t0 = time.perf_counter()
 
@@ -56,7 +57,7 @@ def demo(shared: str | None = None, out: str = "runs/demo", source: str = "llama
     ref_lora = lora(tgt, target)
     port_dir = out_dir / f"port_{source}_to_{target}"
     result = translate(source=src, adapter=src_lora, target=tgt, corpus=[general], out=str(port_dir),
-                       steps=cast_steps, batch_size=8, seq_len=128, overwrite=True, progress=False, log=log)
+                       strength_corpus=[held_out], steps=cast_steps, batch_size=8, seq_len=128, overwrite=True, progress=False, log=log)
 
     tok = load_tokenizer(tgt)
     scores = {}

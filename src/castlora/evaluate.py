@@ -38,11 +38,22 @@ def is_examples_file(path: str | Path) -> bool:
     return "prompt" in json.loads(first)
 
 
-def text_windows(tokenizer, docs: list[str], seq_len: int, max_tokens: int | None = None) -> list[list[int]]:
-    """Each document tokenized (with BOS if the tokenizer adds one) and cut into seq_len windows."""
+def doc_start_id(tokenizer) -> int | None:
+    """The token a document follows in training: BOS, else EOS (GPT-2 style models separate documents
+    with EOS and add no BOS)."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def text_windows(tokenizer, docs: list[str], seq_len: int, max_tokens: int | None = None,
+                 doc_start: bool = False) -> list[list[int]]:
+    """Each document tokenized (with BOS if the tokenizer adds one) and cut into seq_len windows.
+    doc_start: every document follows doc_start_id() instead, so its first token is scored too, by any
+    tokenizer (a GPT-2 tokenizer adds no BOS, and its first token would go unscored)."""
     windows, total = [], 0
-    enc = tokenizer(docs, add_special_tokens=True)["input_ids"]
+    start = doc_start_id(tokenizer) if doc_start else None
+    enc = tokenizer(docs, add_special_tokens=start is None)["input_ids"]
     for ids in enc:
+        ids = ids if start is None else [start, *ids]
         for i in range(0, len(ids) - 1, seq_len):
             w = ids[i:i + seq_len + 1]  # one token of overlap: every target is predicted once
             if len(w) > 1:
@@ -55,9 +66,9 @@ def text_windows(tokenizer, docs: list[str], seq_len: int, max_tokens: int | Non
 
 @torch.no_grad()
 def text_loss(model, tokenizer, docs: list[str], seq_len: int = 256, batch_size: int = 8,
-              max_tokens: int | None = None) -> dict:
+              max_tokens: int | None = None, doc_start: bool = False) -> dict:
     device = next(model.parameters()).device
-    windows = text_windows(tokenizer, docs, seq_len, max_tokens)
+    windows = text_windows(tokenizer, docs, seq_len, max_tokens, doc_start=doc_start)
     special = set(tokenizer.all_special_ids) - {tokenizer.eos_token_id}
     total_loss, total_tok = 0.0, 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

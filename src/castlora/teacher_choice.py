@@ -7,33 +7,60 @@ it hurts (that control is -0.14 from neox to llama), and the blend teacher, whic
 the source base for the target's own, recovers far more (shakespeare validation text, neox->llama
 0.606 against 0.391; docs/results.md, session 7).
 
-Which model is stronger is measured on the held-out calibration text, which both read whole: the
-total next-token loss of each base model over the same strings, in bits per UTF-8 byte, so that
-tokenizers of any size compare. The source must be weaker by a margin (MARGIN, 1%): between close
-models 32 texts cannot tell. On the zoo, whose models trained on that very general text for 8
-epochs, mistral and llama swap places with the calibration texts (mistral -0.5% to +0.1% against
-llama, and llama -0.4% to +0.4% against mistral) though on held-out general text mistral is 3.3%
-worse (1.644 against 1.592 bits per byte, zoo manifest); neox is 3.7% worse than llama on both
-calibration sets measured. So auto takes the blend for neox->llama only, and keeps the source
-teacher for mistral->llama, where `--teacher blend` did better (docs/results.md, session 7).
+Which model is stronger is measured on whole documents that both read: the total next-token loss
+of each base model over the same strings, in bits per UTF-8 byte, so that tokenizers of any size
+compare. Each document is scored from its start, after the model's document-start token (BOS, or
+EOS for GPT-2 style tokenizers), so both models pay for every byte; a tokenizer that adds no BOS
+would otherwise score one token fewer per text and look several percent stronger on short texts.
+The documents are STRENGTH_CHARS characters of `--strength-corpus` when given, else of `--corpus`,
+in a seeded order. The source must be weaker by a margin (MARGIN, 1%).
+
+Why a separate corpus: a model's loss on text it trained on measures memory as well as strength.
+The zoo's models trained on general/train for 8 epochs: on 200 of its documents mistral spends 1.6%
+more bits than llama, on 200 of general/valid 2.9% more, and neox 10% and 5.3% more
+(docs/results.md, session 8). The bench and the demo pass general/valid.
 """
 
 from __future__ import annotations
 
 import math
+import random
 
 import torch
 
 from .evaluate import text_loss
 
 MARGIN = 0.01  # the source must spend this much more (relative) than the target to count as weaker
+STRENGTH_CHARS = 100_000  # of documents (~25k tokens): two forward passes of seconds on a CPU
+DOC_CHARS = 4_000  # at most this much of each document, so that one long document cannot dominate
+
+
+def strength_texts(docs: list[str], seed: int = 0) -> list[str]:
+    """Whole documents (the first DOC_CHARS of long ones) in a seeded order, STRENGTH_CHARS in all."""
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    texts, total = [], 0
+    for i in order:
+        text = docs[i][:DOC_CHARS]
+        if text.strip():
+            texts.append(text)
+            total += len(text)
+        if total >= STRENGTH_CHARS:
+            break
+    return texts
 
 
 @torch.no_grad()
 def bits_per_byte(model, tokenizer, texts: list[str], seq_len: int) -> float:
-    """Total next-token loss of `model` over `texts` (each scored from its own start), in bits per byte."""
-    scored = text_loss(model, tokenizer, texts, seq_len=seq_len)
+    """Total next-token loss of `model` over `texts`, each scored whole from the model's document-start
+    token, in bits per UTF-8 byte."""
+    scored = text_loss(model, tokenizer, texts, seq_len=seq_len, doc_start=True)
     return scored["mean_loss"] * scored["tokens"] / math.log(2) / sum(len(t.encode("utf-8")) for t in texts)
+
+
+def pick_teacher(source_bits_per_byte: float, target_bits_per_byte: float) -> str:
+    """The rule: blend when the source spends MARGIN (relative) more bits per byte, else source."""
+    return "blend" if source_bits_per_byte > target_bits_per_byte * (1 + MARGIN) else "source"
 
 
 def choose_teacher(source, tok_s, target, tok_t, texts: list[str], seq_len: int) -> tuple[str, dict]:
@@ -42,6 +69,6 @@ def choose_teacher(source, tok_s, target, tok_t, texts: list[str], seq_len: int)
     with source.disable_adapter():
         bpb_s = bits_per_byte(source, tok_s, texts, seq_len)
     bpb_t = bits_per_byte(target, tok_t, texts, seq_len)
-    teacher = "blend" if bpb_s > bpb_t * (1 + MARGIN) else "source"
+    teacher = pick_teacher(bpb_s, bpb_t)
     return teacher, {"teacher": teacher, "source_bits_per_byte": round(bpb_s, 4),
                      "target_bits_per_byte": round(bpb_t, 4), "texts": len(texts)}

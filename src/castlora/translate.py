@@ -36,7 +36,7 @@ from .safe_io import atomic_folder, write_text_atomic
 from .site_map import cka_layer_map, map_sites, proportional_layer_map
 from .tokens import encode_pair, shared_vocab
 from .teacher_cache import TeacherCache, file_digest, text_digest
-from .teacher_choice import choose_teacher
+from .teacher_choice import choose_teacher, strength_texts
 from .start_scale import OUTPUT_RIDGES, scale_output_heads, search_start, set_output_scale
 from .train import LoopConfig, fit_heads, held_out_kl
 
@@ -66,7 +66,7 @@ def check_inputs(cfg: TranslateConfig) -> None:
             except UnsupportedArchitectureError as e:
                 raise UnsupportedArchitectureError(f"{what} model {getattr(cfg, what)}: {e}") from None
     read_adapter_folder(cfg.adapter, cfg.allow_pickle)
-    for c in cfg.corpus:
+    for c in [*cfg.corpus, *cfg.strength_corpus]:
         check_corpus_path(str(c))
     out = Path(cfg.out)
     if out.exists() and not (cfg.overwrite or cfg.resume):
@@ -171,6 +171,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
     workdir = out.with_name(f".{out.name}.castlora-work")  # created when training starts (checkpoints)
 
     docs = read_corpus(cfg.corpus)  # empty, unreadable or non-UTF-8 text fails before any model loads
+    strength_docs = read_corpus(cfg.strength_corpus) if cfg.strength_corpus else []
 
     log(f"loading {cfg.source} and {cfg.target}")
     src_base = load_model(cfg.source, cfg.dtype, cfg.device, device_map=_device_map(cfg.device_map, "source"),
@@ -275,9 +276,12 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
     history, state, teacher_info, held_out_info = [], None, None, None
     teacher, choice_info = cfg.teacher, None
     if cfg.teacher == "auto" and cfg.steps > 0:  # from the base models alone, before the heads attach
-        teacher, choice_info = choose_teacher(source, tok_s, tgt, tok_t, calib_texts, max_len_t)
+        texts_for_choice = strength_texts(strength_docs or docs, cfg.seed)
+        teacher, choice_info = choose_teacher(source, tok_s, tgt, tok_t, texts_for_choice, max_len_t)
+        choice_info["measured_on"] = "strength_corpus" if cfg.strength_corpus else "corpus"
         log(f"teacher: {teacher} (the source base spends {choice_info['source_bits_per_byte']} bits per byte on "
-            f"the calibration text, the target base {choice_info['target_bits_per_byte']})")
+            f"{len(texts_for_choice)} documents of --{'strength-' if cfg.strength_corpus else ''}corpus, "
+            f"the target base {choice_info['target_bits_per_byte']})")
     log_file = workdir / "train_log.jsonl"
     with attached(tgt, ports) as wrappers:
         if cfg.steps > 0:

@@ -39,6 +39,10 @@ METHODS: dict[str, dict] = {
     # the blend teacher (w = 0.5, chosen on validation text: docs/results.md, session 7) and its control
     "cast_blend_gen": {"teacher": "blend", "delta_weight": 0.5, "generate": -1},
     "imitation_blend_gen": {"teacher": "blend", "delta_weight": 0.5, "teacher_lora": False, "generate": -1},
+    # what a user gets by default: --teacher auto, which measures the two base models on held-out general
+    # text (general/valid, see below) and takes the blend from a weaker source; its control beside it
+    "cast_auto_gen": {"teacher": "auto", "generate": -1},
+    "imitation_auto_gen": {"teacher": "auto", "teacher_lora": False, "generate": -1},
     # The exact-match recipe chosen on validation examples (benchmarks/levers.py, docs/results.md):
     # start at the target base (zero output heads) and train faster; its imitation control beside it.
     "cast_delta_gen_zd": {"teacher": "delta", "generate": -1, "init": "zero-delta", "lr": 1e-2},
@@ -104,6 +108,8 @@ def bench(cfg: BenchConfig, log=print) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     general = str(root / "data" / "general" / "train.txt.gz")
+    # --teacher auto measures model strength here: general text the zoo models did not train on
+    held_out = str(root / "data" / "general" / "valid.txt.gz")
     t_start = time.perf_counter()
     commit = _commit()  # the code this run started with, not whatever HEAD is when a row is saved
     rows: list[dict] = []
@@ -183,7 +189,7 @@ def bench(cfg: BenchConfig, log=print) -> dict:
                 port = out / "ports" / f"{pair.replace('->', '_to_')}_{task}_{method}"
                 t0 = time.perf_counter()
                 res = translate(source=zoo(src), adapter=src_lora, target=zoo(tgt), corpus=[general], out=str(port),
-                                **{"steps": cfg.cast_steps, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
+                                strength_corpus=[held_out], **{"steps": cfg.cast_steps, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
                                    "device": cfg.device, "dtype": cfg.dtype, "seed": cfg.seed, **opts},
                                 overwrite=True, progress=False, log=lambda *_: None)
                 rec = res.record
@@ -194,7 +200,7 @@ def bench(cfg: BenchConfig, log=print) -> dict:
                     "aligned_fraction": rec["alignment"]["calibration_aligned_fraction"],
                     "shared_vocab": rec["alignment"]["shared_vocab"],
                     "kl_first": curve[0]["kl"] if curve else None, "kl_last": curve[-1]["kl"] if curve else None,
-                    "generated_texts": rec.get("generated_texts", 0), "options": opts})
+                    "generated_texts": rec.get("generated_texts", 0), "teacher": rec["teacher"], "options": opts})
     table = save()
     from .report import write_report
     write_report(table, out)
