@@ -32,7 +32,8 @@ for name in MODELS:
 print("| text | seed | docs | " + " | ".join(MODELS) + " |")
 print("|---|---:|---:|" + "---:|" * len(MODELS))
 for (split, seed), docs in texts.items():
-    print(f"| general/{split} | {seed} | {len(docs)} | " + " | ".join(f"{bpb[m, split, seed]:.4f}" for m in MODELS) + " |")
+    cells = " | ".join(f"{bpb[m, split, seed]:.4f}" for m in MODELS)
+    print(f"| general/{split} | {seed} | {len(docs)} | {cells} |")
 print()
 print("| pair | text | source / target − 1, seeds " + ", ".join(map(str, SEEDS)) + " | teacher |")
 print("|---|---|---|---|")

@@ -57,7 +57,8 @@ def demo(shared: str | None = None, out: str = "runs/demo", source: str = "llama
     ref_lora = lora(tgt, target)
     port_dir = out_dir / f"port_{source}_to_{target}"
     result = translate(source=src, adapter=src_lora, target=tgt, corpus=[general], out=str(port_dir),
-                       strength_corpus=[held_out], steps=cast_steps, batch_size=8, seq_len=128, overwrite=True, progress=False, log=log)
+                       strength_corpus=[held_out], steps=cast_steps, batch_size=8, seq_len=128, overwrite=True,
+                       progress=False, log=log)
 
     tok = load_tokenizer(tgt)
     scores = {}

@@ -189,7 +189,8 @@ def bench(cfg: BenchConfig, log=print) -> dict:
                 port = out / "ports" / f"{pair.replace('->', '_to_')}_{task}_{method}"
                 t0 = time.perf_counter()
                 res = translate(source=zoo(src), adapter=src_lora, target=zoo(tgt), corpus=[general], out=str(port),
-                                strength_corpus=[held_out], **{"steps": cfg.cast_steps, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
+                                strength_corpus=[held_out],
+                                **{"steps": cfg.cast_steps, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
                                    "device": cfg.device, "dtype": cfg.dtype, "seed": cfg.seed, **opts},
                                 overwrite=True, progress=False, log=lambda *_: None)
                 rec = res.record
