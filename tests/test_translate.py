@@ -28,6 +28,8 @@ from castlora.models import load_model, load_tokenizer
 from castlora.site_map import map_sites, proportional_layer_map
 from castlora.tokens import encode_pair, shared_vocab
 from castlora.train import teacher_outputs
+from castlora.corpus import read_corpus
+from castlora.teacher_choice import MIN_STRENGTH_CHARS, STRENGTH_CHARS, strength_budget, strength_texts
 
 # `castlora.translate` is the function (re-exported by the package); the module is this:
 translate_mod = importlib.import_module("castlora.translate")
@@ -265,7 +267,10 @@ def test_teacher_auto_measures_strength_on_the_strength_corpus(folders, tmp_path
     choice = res.record["teacher"]
     assert res.record["config"]["strength_corpus"] == [str(held_out)]
     assert choice["measured_on"] == "strength_corpus" and choice["teacher"] in ("source", "blend")
-    assert choice["texts"] == 40  # its 40 documents, whole (far below STRENGTH_CHARS)
+    # its documents, as many characters as the run's training tokens (within the bounds)
+    budget = strength_budget(1, 2, 32)
+    assert choice["texts"] == len(strength_texts(read_corpus([str(held_out)]), 0, budget)) < 40
+    assert budget == MIN_STRENGTH_CHARS and strength_budget(150, 8, 128) == STRENGTH_CHARS
     assert choice["source_bits_per_byte"] > 0 and choice["target_bits_per_byte"] > 0
 
 

@@ -12,8 +12,10 @@ of each base model over the same strings, in bits per UTF-8 byte, so that tokeni
 compare. Each document is scored from its start, after the model's document-start token (BOS, or
 EOS for GPT-2 style tokenizers), so both models pay for every byte; a tokenizer that adds no BOS
 would otherwise leave the first token of each text unscored.
-The documents are STRENGTH_CHARS characters of `--strength-corpus` when given, else of `--corpus`,
-in a seeded order. The source must be weaker by a margin (MARGIN, 1%).
+The documents are `--strength-corpus` when given, else `--corpus`, in a seeded order: as many
+characters as the training stream has tokens (about a quarter of its text, so the choice costs a
+small part of the run), at least MIN_STRENGTH_CHARS and at most STRENGTH_CHARS. The source must be
+weaker by a margin (MARGIN, 1%).
 
 Why a separate corpus: a model's loss on text it trained on measures memory as well as strength.
 The zoo's models trained on general/train for 8 epochs. On its documents mistral spends 0.5-0.8%
@@ -33,11 +35,19 @@ from .evaluate import text_loss
 
 MARGIN = 0.01  # the source must spend this much more (relative) than the target to count as weaker
 STRENGTH_CHARS = 100_000  # of documents (~25k tokens): two forward passes of seconds on a CPU
+MIN_STRENGTH_CHARS = 2_000  # a smoke run (a few steps) still reads a few documents
 DOC_CHARS = 4_000  # at most this much of each document, so that one long document cannot dominate
 
 
-def strength_texts(docs: list[str], seed: int = 0) -> list[str]:
-    """Whole documents (the first DOC_CHARS of long ones) in a seeded order, STRENGTH_CHARS in all."""
+def strength_budget(steps: int, batch_size: int, seq_len: int) -> int:
+    """Characters of documents to score: the training stream's token count, within the bounds above."""
+    return max(MIN_STRENGTH_CHARS, min(STRENGTH_CHARS, steps * batch_size * seq_len))
+
+
+def strength_texts(docs: list[str], seed: int = 0, max_chars: int | None = None) -> list[str]:
+    """Whole documents (the first DOC_CHARS of long ones) in a seeded order, max_chars in all
+    (default STRENGTH_CHARS)."""
+    max_chars = STRENGTH_CHARS if max_chars is None else max_chars
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
     texts, total = [], 0
@@ -46,7 +56,7 @@ def strength_texts(docs: list[str], seed: int = 0) -> list[str]:
         if text.strip():
             texts.append(text)
             total += len(text)
-        if total >= STRENGTH_CHARS:
+        if total >= max_chars:
             break
     return texts
 

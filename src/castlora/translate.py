@@ -36,7 +36,7 @@ from .safe_io import atomic_folder, write_text_atomic
 from .site_map import cka_layer_map, map_sites, proportional_layer_map
 from .tokens import encode_pair, shared_vocab
 from .teacher_cache import TeacherCache, file_digest, text_digest
-from .teacher_choice import choose_teacher, strength_texts
+from .teacher_choice import choose_teacher, strength_budget, strength_texts
 from .start_scale import OUTPUT_RIDGES, scale_output_heads, search_start, set_output_scale
 from .train import LoopConfig, fit_heads, held_out_kl
 
@@ -276,7 +276,8 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
     history, state, teacher_info, held_out_info = [], None, None, None
     teacher, choice_info = cfg.teacher, None
     if cfg.teacher == "auto" and cfg.steps > 0:  # from the base models alone, before the heads attach
-        texts_for_choice = strength_texts(strength_docs or docs, cfg.seed)
+        texts_for_choice = strength_texts(strength_docs or docs, cfg.seed,
+                                          strength_budget(cfg.steps, cfg.batch_size, cfg.seq_len))
         teacher, choice_info = choose_teacher(source, tok_s, tgt, tok_t, texts_for_choice, max_len_t)
         choice_info["measured_on"] = "strength_corpus" if cfg.strength_corpus else "corpus"
         log(f"teacher: {teacher} (the source base spends {choice_info['source_bits_per_byte']} bits per byte on "
