@@ -70,11 +70,12 @@ RUNS = {
     # the LoRAs of m20a copied into runs/m21a/loras and runs/m21b/loras
     "m21a": dict(pairs=["llama->neox"], tasks=["kjv"], methods=["cast_source_gen"], cast_steps=150, generate=400),
     "m21b": dict(pairs=["llama->neox"], tasks=["kjv"], methods=["imitation_gen"], cast_steps=150, generate=400),
-    # a second CAST seed (data order, generated text, calibration batches) on the same LoRAs, copied
-    # from m19a: how far one seed moves a cell (set up in session 7, not run: the blend took the time)
-    "m22a": dict(pairs=["llama->mistral"], tasks=["shakespeare"], methods=["cast_source_gen"], cast_steps=150,
+    # a second CAST seed (data order, generated text, calibration batches, auto's documents) on the same
+    # LoRAs, copied from m19a: how far one seed moves a cell. Set up in session 7, run in session 9 with
+    # the default then (auto: the source teacher for llama->mistral, the blend for neox->llama)
+    "m22a": dict(pairs=["llama->mistral"], tasks=["shakespeare"], methods=["cast_auto_gen"], cast_steps=150,
                  generate=400, seed=1),
-    "m22b": dict(pairs=["neox->llama"], tasks=["shakespeare"], methods=["cast_source_gen"], cast_steps=150,
+    "m22b": dict(pairs=["neox->llama"], tasks=["shakespeare"], methods=["cast_auto_gen"], cast_steps=150,
                  generate=400, seed=1),
     # the blend teacher (w 0.5, chosen on validation text in session 7) and its control side by side,
     # every cross-family shakespeare pair; the LoRAs of m19a (same recipe and seed)
@@ -96,6 +97,14 @@ RUNS = {
     # mistral->llama, where auto now takes the blend; the LoRAs of m20b
     "m26a": dict(pairs=["mistral->llama"], tasks=["kjv"], methods=["cast_auto_gen"], cast_steps=150, generate=400),
     "m26b": dict(pairs=["mistral->llama"], tasks=["kjv"], methods=["imitation_auto_gen"], cast_steps=150,
+                 generate=400),
+    # session 9: a second seed on mistral->llama too (auto: the blend); LoRAs of m19b
+    "m22c": dict(pairs=["mistral->llama"], tasks=["shakespeare"], methods=["cast_auto_gen"], cast_steps=150,
+                 generate=400, seed=1),
+    # the default (auto: the source teacher here) and its control on kjv llama->mistral,
+    # whose cell was still the session-4 recipe's (m18); the LoRAs of m18
+    "m27a": dict(pairs=["llama->mistral"], tasks=["kjv"], methods=["cast_auto_gen"], cast_steps=150, generate=400),
+    "m27b": dict(pairs=["llama->mistral"], tasks=["kjv"], methods=["imitation_auto_gen"], cast_steps=150,
                  generate=400),
 }
 

@@ -164,6 +164,21 @@ def test_delta_weight_interpolates_between_source_and_delta_teachers():
     assert 0 < kl_divergence(half, lp_sl).item() < ends
 
 
+def test_lora_weight_scales_the_lora_effect_in_every_teacher():
+    lp_t, lp_s, lp_sl = _logp((6, 11), 0), _logp((6, 11), 1), _logp((6, 11), 2)
+    for w in (0.0, 0.5, 1.0):
+        torch.testing.assert_close(delta_teacher(lp_t, lp_sl, lp_s, w, lora_weight=1.0), delta_teacher(lp_t, lp_sl, lp_s, w))
+        a = delta_teacher(lp_t, lp_sl, lp_s, w, lora_weight=0.75)
+        ref = torch.log_softmax((1 - w) * lp_s + w * lp_t + 0.75 * (lp_sl - lp_s), -1)
+        torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-5)
+    # a = 0: no LoRA at all, the source base (w = 0) or the target base (w = 1); w = 0 needs no target
+    torch.testing.assert_close(delta_teacher(None, lp_sl, lp_s, 0.0, lora_weight=0.0), lp_s, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(delta_teacher(lp_t, lp_sl, lp_s, 1.0, lora_weight=0.0), lp_t, rtol=1e-5, atol=1e-5)
+    # shrinking the effect moves the source teacher towards the source base
+    full, shrunk = delta_teacher(None, lp_sl, lp_s, 0.0), delta_teacher(None, lp_sl, lp_s, 0.0, lora_weight=0.5)
+    assert kl_divergence(shrunk, lp_s).item() < kl_divergence(full, lp_s).item()
+
+
 def test_kl_divergence_zero_for_identical_and_positive_otherwise():
     p, q = _logp((7, 13), 0), _logp((7, 13), 1)
     assert abs(kl_divergence(p, p).item()) < 1e-7

@@ -446,6 +446,13 @@ def test_non_finite_delta_weight_fails_before_loading(env, tmp_path, capsys, no_
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("value", ["nan", "-0.5"])
+def test_bad_lora_weight_fails_before_loading(env, tmp_path, capsys, no_load, value):
+    msg = _cli_error(_argv(env, tmp_path / "out", extra=("--lora-weight", value)), capsys)
+    assert "--lora-weight must be a finite number >= 0" in msg and f"not {float(value)}" in msg
+    assert not (tmp_path / "out").exists()
+
+
 def test_corpus_too_short_for_the_steps(env, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("\n\n\n".join(d[:300] for d in read_docs("data", "general", "valid.txt.gz", n=4)),

@@ -104,9 +104,9 @@ def test_every_teacher_is_a_blend_and_the_control_switches_only_the_lora_off(ste
     pm, inner, tgt, t_sites, ports, vocab = step_parts
     batch = _batch()
     with attached(tgt, ports) as wrappers, torch.no_grad():
-        def teach(teacher, w=0.5, lora=True):
+        def teach(teacher, w=0.5, lora=True, a=1.0):
             return teacher_outputs(pm, inner, tgt, wrappers, ports, batch, vocab, teacher, 1.0, False,
-                                   delta_weight=w, teacher_lora=lora).logp
+                                   delta_weight=w, teacher_lora=lora, lora_weight=a).logp
 
         def logp(model, ids, mask, pos, cols):
             out = model(input_ids=ids, attention_mask=mask).logits
@@ -128,6 +128,10 @@ def test_every_teacher_is_a_blend_and_the_control_switches_only_the_lora_off(ste
         torch.testing.assert_close(teach("blend", 0.3, lora=False), torch.log_softmax(lp_s + 0.3 * (lp_t - lp_s), -1),
                                    **close)
         torch.testing.assert_close(teach("delta", lora=False), lp_t, **close)  # no LoRA, no tilt: the target
+        # --lora-weight a scales the LoRA's term in every teacher; the control has no LoRA term to scale
+        torch.testing.assert_close(teach("source", a=0.75), delta_teacher(None, lp_sl, lp_s, 0.0, 0.75), **close)
+        torch.testing.assert_close(teach("blend", 0.3, a=0.75), delta_teacher(lp_t, lp_sl, lp_s, 0.3, 0.75), **close)
+        torch.testing.assert_close(teach("source", lora=False, a=0.75), lp_s, **close)
         assert kl_divergence(teach("blend", 0.3), teach("blend", 0.3, lora=False)).item() > 1e-3
 
 

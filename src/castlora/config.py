@@ -48,6 +48,9 @@ class TranslateConfig:
                        ("auto", "source", "blend", "delta", "source_base"))
     delta_weight: float = opt(0.5, "w of --teacher blend: how much of the source base the teacher swaps for the "
                                    "target's own base")
+    lora_weight: float = opt(1.0, "a: the teacher applies a x the LoRA's effect on the source, log p = (1 - w) "
+                                  "log p_S + w log p_T + a (log p_S+LoRA - log p_S) (w: 0 for the source teacher, "
+                                  "--delta-weight for blend). a < 1 shrinks a noisy effect towards the base")
     strength_corpus: list = opt([], "held-out text on which --teacher auto measures which base model is the "
                                     "stronger (files or a `datasets` name, like --corpus): text neither model "
                                     "trained on measures it best. Default: documents of --corpus")

@@ -48,6 +48,7 @@ class LoopConfig:
     temperature: float = 1.0
     teacher: str = "source"
     delta_weight: float = 0.5  # teacher "blend": log p_S+LoRA + delta_weight * (log p_T - log p_S)
+    lora_weight: float = 1.0  # a: the teacher applies a x the LoRA's effect on the source (losses.delta_teacher)
     teacher_lora: bool = True  # False: the teacher's source side without the LoRA (the imitation control)
     position_weight: str = "uniform"  # "lora-effect": weight each position's KL by KL(S+LoRA || S) there
     warmup: int = 20
@@ -89,7 +90,7 @@ def autocast(device: torch.device, amp: str):
 def teacher_outputs(source, source_inner, target, wrappers, ports: list[tuple[PortedKernel, Site]],
                     batch: PairBatch, cols: SharedVocab, teacher: str, tau: float, want_z: bool,
                     position_weight: str = "uniform", delta_weight: float = 0.5,
-                    teacher_lora: bool = True) -> TeacherOutput:
+                    teacher_lora: bool = True, lora_weight: float = 1.0) -> TeacherOutput:
     """The source side of a step (no grad): the teacher's log-probs over the shared vocabulary at
     the aligned positions, each kernel's view of its source-site inputs (for the MSE term), and
     with `position_weight` "lora-effect" each position's weight: KL(S+LoRA || S) there over its
@@ -97,9 +98,9 @@ def teacher_outputs(source, source_inner, target, wrappers, ports: list[tuple[Po
     source base's habits (the imitation control's whole signal).
 
     Every teacher is log p_S+LoRA + w (log p_T - log p_S), renormalised: w = 0 for "source", 1 for
-    "delta", `delta_weight` for "blend". `teacher_lora` False puts the source base in the place of
-    S+LoRA: the same teacher with the LoRA switched off, the imitation control ("source_base" is
-    "source" without the LoRA)."""
+    "delta", `delta_weight` for "blend"; `lora_weight` a scales the LoRA's term (log p_S+LoRA -
+    log p_S). `teacher_lora` False puts the source base in the place of S+LoRA: the same teacher
+    with the LoRA switched off, the imitation control ("source_base" is "source" without the LoRA)."""
     source_paths = sorted({p.source_module for p, _ in ports}) if want_z else []
 
     def logp_source(use_lora: bool):
@@ -120,7 +121,7 @@ def teacher_outputs(source, source_inner, target, wrappers, ports: list[tuple[Po
                  .float() @ port.in_basis for port, _ in ports]
         use_lora = teacher_lora and teacher != "source_base"
         w = TEACHER_DELTA_WEIGHT.get(teacher, delta_weight)
-        if use_lora and w == 0 and position_weight == "uniform":
+        if use_lora and w == 0 and lora_weight == 1 and position_weight == "uniform":
             return TeacherOutput(logp=lp_lora, z=z)
         lp_base, _ = logp_source(False)
         weight = None
@@ -129,11 +130,13 @@ def teacher_outputs(source, source_inner, target, wrappers, ports: list[tuple[Po
             weight = effect / effect.mean().clamp_min(1e-12)
         lp_teach = lp_lora if use_lora else lp_base
         if w == 0:
-            return TeacherOutput(logp=lp_teach, z=z, weight=weight)
+            logp = lp_teach if lora_weight == 1 else delta_teacher(None, lp_teach, lp_base, 0.0, lora_weight)
+            return TeacherOutput(logp=logp, z=z, weight=weight)
         with deltas_off(wrappers):
             t_logits = target(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
         lp_t = shared_log_probs(gather_aligned(t_logits, batch.pos_t, batch.pos_mask), cols.ids_t, tau)
-        return TeacherOutput(logp=delta_teacher(lp_t, lp_teach.to(lp_t.device), lp_base.to(lp_t.device), w),
+        return TeacherOutput(logp=delta_teacher(lp_t, lp_teach.to(lp_t.device), lp_base.to(lp_t.device), w,
+                                                lora_weight),
                              z=z, weight=weight)
 
 
@@ -152,7 +155,7 @@ def cast_loss(source, source_inner, target, wrappers, ports: list[tuple[PortedKe
         if t_out is None:
             t_out = teacher_outputs(source, source_inner, target, wrappers, ports, batch, cols, cfg.teacher,
                                     cfg.temperature, cfg.beta > 0, cfg.position_weight, cfg.delta_weight,
-                                    cfg.teacher_lora)
+                                    cfg.teacher_lora, cfg.lora_weight)
             if cache is not None:  # the same top-k whether the step was read or computed: same heads
                 t_out = t_out.top_k(cache.top_k)
                 cache.save(step, batch, t_out)
@@ -182,7 +185,7 @@ def held_out_kl(source, source_inner, target, wrappers, ports: list[tuple[Ported
         with autocast(device, cfg.amp):
             teachers = [teacher_outputs(source, source_inner, target, wrappers, ports, b, cols, cfg.teacher,
                                         cfg.temperature, False, cfg.position_weight, cfg.delta_weight,
-                                        cfg.teacher_lora)
+                                        cfg.teacher_lora, cfg.lora_weight)
                         for b in batches]
 
         def kl_at() -> float:

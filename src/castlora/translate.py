@@ -79,6 +79,9 @@ def check_inputs(cfg: TranslateConfig) -> None:
     if not math.isfinite(cfg.delta_weight):
         raise CastloraError(f"--delta-weight must be a finite number (with --teacher blend; 1 = the delta "
                             f"teacher, 0 = the source teacher), not {cfg.delta_weight}")
+    if not (math.isfinite(cfg.lora_weight) and cfg.lora_weight >= 0):
+        raise CastloraError(f"--lora-weight must be a finite number >= 0 (1 = the LoRA's whole effect, 0 = none), "
+                            f"not {cfg.lora_weight}")
 
 
 def _device_map(spec: str, which: str):
@@ -289,7 +292,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
             amp = cfg.amp if cfg.amp != "auto" else ("bf16" if str(cfg.device).startswith("cuda") else "off")
             loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, alpha=cfg.alpha, beta=cfg.beta,
                               temperature=cfg.temperature, teacher=teacher, delta_weight=cfg.delta_weight,
-                              teacher_lora=cfg.teacher_lora,
+                              lora_weight=cfg.lora_weight, teacher_lora=cfg.teacher_lora,
                               position_weight=cfg.position_weight,
                               warmup=min(20, max(1, cfg.steps // 10)), checkpoint_every=cfg.checkpoint_every,
                               amp=amp, checkpointing=cfg.gradient_checkpointing)
@@ -329,6 +332,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
                     "source": str(cfg.source), "adapter": _adapter_digest(cfg.adapter),
                     "target": str(cfg.target) if teacher in ("delta", "blend") else None,
                     "teacher": teacher, "delta_weight": cfg.delta_weight if teacher == "blend" else None,
+                    **({"lora_weight": cfg.lora_weight} if cfg.lora_weight != 1 else {}),  # older caches: a = 1
                     "teacher_lora": cfg.teacher_lora,
                     "position_weight": cfg.position_weight, "temperature": cfg.temperature, "dtype": cfg.dtype, "amp": amp,
                     "vocab": text_digest([str(vocab.ids_s.tolist()), str(vocab.ids_t.tolist())]),

@@ -1,0 +1,91 @@
+"""Which teacher is closest to the port we would like to reach? A diagnostic for the teacher.
+
+CAST pulls the target towards a teacher; the port we want is the target with a LoRA retrained on
+the task (the "oracle", which CAST never sees). Every teacher castlora has is one point of
+
+    log p = (1 - w) log p_S + w log p_T + a (log p_S+LoRA - log p_S),   renormalised,
+
+w: how much of the source base is swapped for the target's (0 = source teacher, 0.5 = the blend,
+1 = the delta teacher), a: how much of the LoRA's effect on the source is applied (1 in every
+teacher so far). This prints KL(oracle || teacher) over a grid of (w, a), on aligned positions over
+the shared vocabulary, on general validation text and on the task's validation text (the last
+training document, as in levers.py). A teacher closer to the oracle is a better target for the
+heads, if the heads can follow it; the levers.py scores of trained ports say whether they do.
+
+  OMP_NUM_THREADS=1 python benchmarks/teacher_oracle.py shakespeare neox llama runs/lev_nl
+
+DIR holds DIR/loras/{model}_{task} (levers.py trains them there).
+"""
+
+import torch
+from peft import PeftModel
+
+from castlora.bench.tasks import get_task
+from castlora.closed_form import gather_aligned
+from castlora.corpus import make_chunks, read_corpus, read_documents
+from castlora.losses import kl_divergence, shared_log_probs
+from castlora.models import load_model
+from castlora.tokens import encode_pair
+
+from lever_folder import lever_folder
+
+W = (0.0, 0.25, 0.5, 0.75, 1.0)
+A = (0.5, 0.75, 1.0, 1.5, 2.0)
+
+lf = lever_folder()
+task, src, tgt, out, shared, zoo = lf.task, lf.src, lf.tgt, lf.out, lf.shared, lf.zoo
+tok_s, tok_t, vocab = lf.tok_s, lf.tok_t, lf.vocab
+texts = {
+    "general": make_chunks(read_corpus([str(shared / "data" / "general" / "valid.txt.gz")]), tok_s, 128, 32, seed=1),
+    task: make_chunks(read_documents(get_task(task, shared, out / "tasks").train)[-1:], tok_s, 128, 32, seed=1),
+}
+batches = {k: [encode_pair(v[i:i + 8], tok_s, tok_t, 128, 192) for i in range(0, len(v), 8)] for k, v in texts.items()}
+
+
+@torch.no_grad()
+def log_probs(model, side: str) -> dict[str, list[torch.Tensor]]:
+    ids = vocab.ids_s if side == "s" else vocab.ids_t
+    res = {}
+    for name, bs in batches.items():
+        res[name] = []
+        for b in bs:
+            ids_in, mask, pos = (b.ids_s, b.mask_s, b.pos_s) if side == "s" else (b.ids_t, b.mask_t, b.pos_t)
+            logits = model(input_ids=ids_in, attention_mask=mask).logits
+            res[name].append(shared_log_probs(gather_aligned(logits, pos, b.pos_mask), ids))
+    return res
+
+
+def with_lora(model_name: str):
+    base = load_model(str(zoo / model_name))
+    return PeftModel.from_pretrained(base, str(out / "loras" / f"{model_name}_{task}")).eval()
+
+
+source = with_lora(src)
+lp_sl = log_probs(source, "s")
+with source.disable_adapter():
+    lp_s = log_probs(source, "s")
+del source
+target = with_lora(tgt)
+oracle = log_probs(target, "t")
+with target.disable_adapter():
+    lp_t = log_probs(target, "t")
+del target
+
+
+def kl_to_oracle(name: str, w: float, a: float) -> float:
+    kls = []
+    for o, s, sl, t, b in zip(oracle[name], lp_s[name], lp_sl[name], lp_t[name], batches[name]):
+        teacher = torch.log_softmax((1 - w) * s + w * t + a * (sl - s), dim=-1)
+        kls.append(kl_divergence(o, teacher).item() * b.num_aligned)
+    return sum(kls) / sum(b.num_aligned for b in batches[name])
+
+
+print(f"{task} {src}->{tgt}: KL(target + retrained LoRA || teacher); shared vocabulary {vocab.size}")
+for name in batches:
+    base = sum(kl_divergence(o, t).item() * b.num_aligned for o, t, b in zip(oracle[name], lp_t[name], batches[name]))
+    print(f"\n{name} text ({sum(b.num_aligned for b in batches[name])} aligned positions); "
+          f"KL(oracle || target base) = {base / sum(b.num_aligned for b in batches[name]):.3f}")
+    print("| w \\ a | " + " | ".join(f"{a:g}" for a in A) + " |")
+    print("|---|" + "---:|" * len(A))
+    for w in W:
+        print(f"| {w:g} | " + " | ".join(f"{kl_to_oracle(name, w, a):.3f}" for a in A) + " |", flush=True)
