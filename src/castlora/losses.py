@@ -24,9 +24,9 @@ def delta_teacher(logp_target_base: torch.Tensor | None, logp_source_lora: torch
     source teacher; in between, the teacher keeps some of S+LoRA's absolute predictions.
 
     `lora_weight` a scales the LoRA's effect: log p = (1 - w) log p_S + w log p_T + a (log p_S+LoRA
-    - log p_S). a < 1 shrinks the tilt towards the base, as one shrinks a noisy estimate: on
-    shakespeare the teacher at a = 0.75 was closer to the target with its retrained LoRA than at 1
-    (benchmarks/teacher_oracle.py). `logp_target_base` may be None when w = 0."""
+    - log p_S). On shakespeare the teacher at a = 0.75 was closer to the target with its retrained
+    LoRA than at 1 (benchmarks/teacher_oracle.py), yet trained worse ports; 1 is the default
+    (docs/results.md, session 9). `logp_target_base` may be None when w = 0."""
     logp = logp_source_lora
     if lora_weight != 1:
         logp = logp_source_base + lora_weight * (logp_source_lora - logp_source_base)
