@@ -5,9 +5,15 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
+
+from castlora.bench.tasks import get_task
+from castlora.closed_form import gather_aligned
+from castlora.corpus import make_chunks, read_corpus, read_documents
 from castlora.demo import shared_dir
+from castlora.losses import shared_log_probs
 from castlora.models import load_tokenizer
-from castlora.tokens import shared_vocab
+from castlora.tokens import encode_pair, shared_vocab
 
 
 def lever_folder(argv=None) -> SimpleNamespace:
@@ -17,3 +23,31 @@ def lever_folder(argv=None) -> SimpleNamespace:
     tok_s, tok_t = load_tokenizer(str(zoo / src)), load_tokenizer(str(zoo / tgt))
     return SimpleNamespace(task=task, src=src, tgt=tgt, out=Path(out), ports=(argv or sys.argv)[5:], shared=shared,
                            zoo=zoo, tok_s=tok_s, tok_t=tok_t, vocab=shared_vocab(tok_s, tok_t))
+
+
+def validation_batches(lf: SimpleNamespace) -> dict:
+    """32 chunks of 128 source tokens of general/valid and of the task's validation text (its last
+    training document, as in levers.py), as aligned pair batches of 8."""
+    texts = {
+        "general": make_chunks(read_corpus([str(lf.shared / "data" / "general" / "valid.txt.gz")]), lf.tok_s, 128, 32,
+                               seed=1),
+        lf.task: make_chunks(read_documents(get_task(lf.task, lf.shared, lf.out / "tasks").train)[-1:], lf.tok_s, 128,
+                             32, seed=1),
+    }
+    return {k: [encode_pair(v[i:i + 8], lf.tok_s, lf.tok_t, 128, 192) for i in range(0, len(v), 8)]
+            for k, v in texts.items()}
+
+
+@torch.no_grad()
+def aligned_log_probs(model, side: str, batches: dict, vocab) -> dict[str, list[torch.Tensor]]:
+    """`model`'s log-probs over the shared vocabulary at the aligned positions of every batch, read on
+    the source (`side` "s") or target ("t") side."""
+    ids = vocab.ids_s if side == "s" else vocab.ids_t
+    res = {}
+    for name, bs in batches.items():
+        res[name] = []
+        for b in bs:
+            ids_in, mask, pos = (b.ids_s, b.mask_s, b.pos_s) if side == "s" else (b.ids_t, b.mask_t, b.pos_t)
+            logits = model(input_ids=ids_in, attention_mask=mask).logits
+            res[name].append(shared_log_probs(gather_aligned(logits, pos, b.pos_mask), ids))
+    return res

@@ -101,6 +101,12 @@ RUNS = {
     # session 9: a second seed on mistral->llama too (auto: the blend); LoRAs of m19b
     "m22c": dict(pairs=["mistral->llama"], tasks=["shakespeare"], methods=["cast_auto_gen"], cast_steps=150,
                  generate=400, seed=1),
+    # the blend on a stream two thirds generated (800 texts; it gained +0.037 on validation text,
+    # session 9) and its control, shakespeare neox->llama; the LoRAs of m23a
+    "m28a": dict(pairs=["neox->llama"], tasks=["shakespeare"], methods=["cast_blend_gen23"], cast_steps=150,
+                 generate=800),
+    "m28b": dict(pairs=["neox->llama"], tasks=["shakespeare"], methods=["imitation_blend_gen23"], cast_steps=150,
+                 generate=800),
     # the default (auto: the source teacher here) and its control on kjv llama->mistral,
     # whose cell was still the session-4 recipe's (m18); the LoRAs of m18
     "m27a": dict(pairs=["llama->mistral"], tasks=["kjv"], methods=["cast_auto_gen"], cast_steps=150, generate=400),

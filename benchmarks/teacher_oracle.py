@@ -20,39 +20,21 @@ DIR holds DIR/loras/{model}_{task} (levers.py trains them there).
 import torch
 from peft import PeftModel
 
-from castlora.bench.tasks import get_task
-from castlora.closed_form import gather_aligned
-from castlora.corpus import make_chunks, read_corpus, read_documents
-from castlora.losses import kl_divergence, shared_log_probs
+from castlora.losses import kl_divergence
 from castlora.models import load_model
-from castlora.tokens import encode_pair
 
-from lever_folder import lever_folder
+from lever_folder import aligned_log_probs, lever_folder, validation_batches
 
 W = (0.0, 0.25, 0.5, 0.75, 1.0)
 A = (0.5, 0.75, 1.0, 1.5, 2.0)
 
 lf = lever_folder()
-task, src, tgt, out, shared, zoo = lf.task, lf.src, lf.tgt, lf.out, lf.shared, lf.zoo
-tok_s, tok_t, vocab = lf.tok_s, lf.tok_t, lf.vocab
-texts = {
-    "general": make_chunks(read_corpus([str(shared / "data" / "general" / "valid.txt.gz")]), tok_s, 128, 32, seed=1),
-    task: make_chunks(read_documents(get_task(task, shared, out / "tasks").train)[-1:], tok_s, 128, 32, seed=1),
-}
-batches = {k: [encode_pair(v[i:i + 8], tok_s, tok_t, 128, 192) for i in range(0, len(v), 8)] for k, v in texts.items()}
+task, src, tgt, out, zoo, vocab = lf.task, lf.src, lf.tgt, lf.out, lf.zoo, lf.vocab
+batches = validation_batches(lf)
 
 
-@torch.no_grad()
 def log_probs(model, side: str) -> dict[str, list[torch.Tensor]]:
-    ids = vocab.ids_s if side == "s" else vocab.ids_t
-    res = {}
-    for name, bs in batches.items():
-        res[name] = []
-        for b in bs:
-            ids_in, mask, pos = (b.ids_s, b.mask_s, b.pos_s) if side == "s" else (b.ids_t, b.mask_t, b.pos_t)
-            logits = model(input_ids=ids_in, attention_mask=mask).logits
-            res[name].append(shared_log_probs(gather_aligned(logits, pos, b.pos_mask), ids))
-    return res
+    return aligned_log_probs(model, side, batches, vocab)
 
 
 def with_lora(model_name: str):

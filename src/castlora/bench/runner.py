@@ -39,6 +39,10 @@ METHODS: dict[str, dict] = {
     # the blend teacher (w = 0.5, chosen on validation text: docs/results.md, session 7) and its control
     "cast_blend_gen": {"teacher": "blend", "delta_weight": 0.5, "generate": -1},
     "imitation_blend_gen": {"teacher": "blend", "delta_weight": 0.5, "teacher_lora": False, "generate": -1},
+    # the blend on a stream two thirds generated (BenchConfig.generate caps the count), and its control
+    "cast_blend_gen23": {"teacher": "blend", "delta_weight": 0.5, "generate": -1, "mix": 2 / 3},
+    "imitation_blend_gen23": {"teacher": "blend", "delta_weight": 0.5, "teacher_lora": False, "generate": -1,
+                              "mix": 2 / 3},
     # what a user gets by default: --teacher auto, which measures the two base models on held-out general
     # text (general/valid, see below) and takes the blend from a weaker source; its control beside it
     "cast_auto_gen": {"teacher": "auto", "generate": -1},
