@@ -12,6 +12,9 @@ target with several CAST variants and prints each one's validation score and KL.
 
 A variant is NAME:key=value,key=value (TranslateConfig fields); 8 x 128 batches and at most 400
 generated texts, as in the bench. LoRAs are trained with the bench's recipe unless DIR/loras holds them.
+
+`corpus=task` trains the heads on the task's own training text (the validation document left out) instead of general text: a diagnostic
+that CAST may not use (it sees no task data), which says how much of what a port misses is the corpus.
 """
 
 import json
@@ -89,9 +92,14 @@ for v in variants:
     name, _, spec = v.partition(":")
     opts = {"steps": steps, "batch_size": 8, "seq_len": 128, "generate": 400, "seed": 0}
     opts.update({k: parse(x) for k, x in (kv.split("=") for kv in spec.split(",") if kv)})
+    corpus = str(shared / "data" / "general" / "train.txt.gz")
+    if opts.pop("corpus", "") == "task":  # every training document but the validation one
+        corpus = str(out / "tasks" / "train_but_validation.jsonl")
+        Path(corpus).parent.mkdir(parents=True, exist_ok=True)
+        Path(corpus).write_text("".join(json.dumps({"text": d}) + "\n" for d in read_documents(train.train)[:-1]))
     t0 = time.perf_counter()
     res = translate(source=str(shared / "zoo" / src), adapter=src_lora, target=str(shared / "zoo" / tgt),
-                    corpus=[str(shared / "data" / "general" / "train.txt.gz")], out=str(out / "ports" / name),
+                    corpus=[corpus], out=str(out / "ports" / name),
                     overwrite=True, progress=False, log=lambda *a: None, **opts)
     curve = res.record["loss_curve"]
     kl = f"{curve[0]['kl']:.2f} -> {curve[-1]['kl']:.2f}" if curve else "-"

@@ -112,6 +112,18 @@ RUNS = {
     "m27a": dict(pairs=["llama->mistral"], tasks=["kjv"], methods=["cast_auto_gen"], cast_steps=150, generate=400),
     "m27b": dict(pairs=["llama->mistral"], tasks=["kjv"], methods=["imitation_auto_gen"], cast_steps=150,
                  generate=400),
+    # session 10: greet on the four cross-family pairs with the default (auto) and its control, in two
+    # folders run side by side; the m7 recipe otherwise (100 steps, the exact-task LoRAs)
+    "m29a": dict(pairs=["llama->mistral", "neox->llama"], tasks=["greet"],
+                 methods=["cast_auto_gen", "imitation_auto_gen"], cast_steps=100, generate=400),
+    "m29b": dict(pairs=["mistral->llama", "llama->neox"], tasks=["greet"],
+                 methods=["cast_auto_gen", "imitation_auto_gen"], cast_steps=100, generate=400),
+    # --cover-layers on shakespeare mistral->llama (4 -> 6 layers: the proportional map leaves llama's layers
+    # 1 and 4 without a kernel), the default otherwise, and its control; the LoRAs of m23a
+    "m30a": dict(pairs=["mistral->llama"], tasks=["shakespeare"], methods=["cast_auto_gen_cover"], cast_steps=150,
+                 generate=400),
+    "m30b": dict(pairs=["mistral->llama"], tasks=["shakespeare"], methods=["imitation_auto_gen_cover"],
+                 cast_steps=150, generate=400),
 }
 
 name = sys.argv[1]

@@ -27,7 +27,7 @@ bpb = {}
 for name in MODELS:
     model, tok = load_model(str(root / "zoo" / name)).eval(), load_tokenizer(str(root / "zoo" / name))
     for key, docs in texts.items():
-        bpb[name, *key] = bits_per_byte(model, tok, docs, 192)  # 192: translate's target length at seq_len 128
+        bpb[(name, *key)] = bits_per_byte(model, tok, docs, 192)  # 192: translate's target length at seq_len 128
 
 print("| text | seed | docs | " + " | ".join(MODELS) + " |")
 print("|---|---:|---:|" + "---:|" * len(MODELS))

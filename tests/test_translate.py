@@ -25,7 +25,7 @@ from castlora.export import export_peft, module_factors
 from castlora.families import model_sites
 from castlora.losses import kl_divergence, shared_log_probs
 from castlora.models import load_model, load_tokenizer
-from castlora.site_map import map_sites, proportional_layer_map
+from castlora.site_map import map_sites, proportional_layer_map, uncovered_layers
 from castlora.tokens import encode_pair, shared_vocab
 from castlora.train import teacher_outputs
 from castlora.corpus import read_corpus
@@ -255,6 +255,46 @@ def test_translate_cast0_and_delta_teacher(folders, tmp_path):
     assert len(curve) == 2 and all(r["kl"] >= 0 and r["mse"] == 0.0 for r in curve)
     assert (outd / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cast0", "delta"]
+
+
+def test_uncovered_target_layers_take_the_nearest_source_layer():
+    # 4 -> 6 (mistral -> llama in the zoo): proportional depth leaves target layers 1 and 4 empty
+    assert proportional_layer_map(4, 6) == [0, 2, 3, 5]
+    assert uncovered_layers([0, 2, 3, 5], 6) == [(1, 1), (3, 4)]
+    # a map onto every target layer (same depth, or a shallower target) needs no copy
+    assert uncovered_layers(proportional_layer_map(6, 6), 6) == []
+    assert uncovered_layers(proportional_layer_map(6, 4), 4) == []
+    assert uncovered_layers([0, 0], 3) == [(1, 1), (1, 2)]
+
+
+def test_cover_layers_ports_onto_every_layer_of_a_deeper_target(folders, tmp_path):
+    model = make_tiny("llama", 3, vocab_size=32000, max_position_embeddings=128, num_hidden_layers=4)
+    model.save_pretrained(str(tmp_path / "deep"), safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(shared_path("zoo", "llama") / name, tmp_path / "deep" / name)
+    deep = tmp_path / "deep"
+    out = tmp_path / "port"
+    res = castlora.translate(source=str(folders["llama"]), adapter=str(folders["adapter"]), target=str(deep),
+                             corpus=[str(folders["corpus"])], out=str(out), steps=2, batch_size=2, seq_len=32,
+                             calib_batches=1, cover_layers=True, teacher="source", **QUIET)
+    rec = res.record
+    assert rec["layer_map"] == [1, 3] and rec["layer_copies"] == [[0, 0], [1, 2]]
+    hosted = sorted({int(s["target"].split(".")[0]) for s in rec["site_map"]})
+    assert hosted == [0, 1, 2, 3]  # every target layer adapted, as a LoRA trained on the target would be
+    copies = [s for s in rec["site_map"] if "copy" in s.get("note", "")]
+    assert sorted(s["target"] for s in copies) == ["0.q", "0.v", "2.q", "2.v"]
+    loaded = PeftModel.from_pretrained(load_model(str(deep)), str(out)).eval()
+    _assert_keys_match_file(loaded, out)
+    # each copy has heads of its own, saved under its own site
+    heads = load_file(str(out / "heads.safetensors"))
+    assert any(k.startswith("0.q->0.q.") for k in heads) and any(k.startswith("0.q->1.q.") for k in heads)
+
+
+def test_other_bucket_trains_with_a_finite_kl_across_tokenizers(folders, tmp_path):
+    res = _run(folders, tmp_path / "bucket", steps=3, teacher="blend", other_bucket=True)
+    curve = [r["kl"] for r in res.record["loss_curve"]]
+    assert len(curve) == 3 and all(0 <= k < float("inf") for k in curve)
+    assert res.record["config"]["other_bucket"] is True
 
 
 def test_teacher_auto_measures_strength_on_the_strength_corpus(folders, tmp_path):

@@ -34,7 +34,8 @@ class TranslateConfig:
                           "text 1e-2 beat 2e-3 by +0.06 to +0.14 of the gap, and 3e-2 beat 1e-2 by +0.02 to +0.04 "
                           "(docs/results.md)")
     alpha: float = opt(1.0, "weight of the KL term")
-    beta: float = opt(0.1, "weight of the relative-MSE term")
+    beta: float = opt(0.1, "weight of the relative-MSE term. On shakespeare validation text (blend) 0 gave +0.017 "
+                           "(neox->llama) and +0.000 (mistral->llama) of the gap, 1 gave -0.010 (docs/results.md)")
     temperature: float = opt(1.0, "distillation temperature tau")
     teacher: str = opt("auto", "teacher distribution: log p_S+LoRA + w (log p_T - log p_S), renormalised. "
                                "source: w = 0 (source+LoRA itself); delta: w = 1 (the target's own base, tilted "
@@ -53,6 +54,11 @@ class TranslateConfig:
                                   "--delta-weight for blend). On shakespeare validation text (blend, neox->llama) a = 0.75 "
                                   "lost 0.065 of the gap, 1.25 gained 0.022 (one seed moves a cell 0.02) and 1.5 lost "
                                   "0.042 (docs/results.md, session 9)")
+    other_bucket: bool = opt(False, "compare teacher and student over the shared vocabulary plus one bucket that "
+                                    "holds each model's mass on its unshared tokens, instead of renormalising over "
+                                    "the shared vocabulary (which leaves the student's unshared mass untrained). "
+                                    "Computes every output column (slower). On shakespeare validation text (blend, "
+                                    "neox->llama) 0.606 of the gap, as without it (docs/results.md, session 10)")
     strength_corpus: list = opt([], "held-out text on which --teacher auto measures which base model is the "
                                     "stronger (files or a `datasets` name, like --corpus): text neither model "
                                     "trained on measures it best. Default: documents of --corpus")
@@ -68,6 +74,12 @@ class TranslateConfig:
                               "(docs/results.md)", ("linear", "mlp"))
     layer_map: str = opt("proportional", "source->target layer map. cka lost to proportional on both validation "
                                         "pairs (docs/results.md)", ("proportional", "cka"))
+    cover_layers: bool = opt(False, "every target layer hosts the LoRA: where the layer map leaves a target layer "
+                                    "without a kernel (a deeper target), it gets a copy of the kernels of the source "
+                                    "layer at the nearest relative depth, with heads of its own, so the port has as "
+                                    "many adapted layers as a LoRA trained on the target. On shakespeare validation "
+                                    "text (mistral->llama, 4 -> 6 layers, blend) 0.666 of the gap against 0.646 "
+                                    "(docs/results.md, session 10)")
     init: str = opt("auto", "head initialisation. closed-form = CAST-0; zero-delta = CAST-0's input heads with "
                             "zero output heads, so training starts at the target base (as a LoRA's B = 0); scaled "
                             "= CAST-0 with the output heads scaled by the factor in {0, 1/4, 1/2, 3/4, 1} that "

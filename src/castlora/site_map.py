@@ -34,6 +34,13 @@ def proportional_layer_map(n_source: int, n_target: int) -> list[int]:
     return [min(n_target - 1, int((i + 0.5) * n_target / n_source)) for i in range(n_source)]
 
 
+def uncovered_layers(layer_map: list[int], n_target: int) -> list[tuple[int, int]]:
+    """(source layer, target layer) for every target layer that `layer_map` leaves empty, each taking
+    the source layer at the nearest relative depth (layer centres)."""
+    n_source, hosted = len(layer_map), set(layer_map)
+    return [(min(n_source - 1, int((j + 0.5) * n_source / n_target)), j) for j in range(n_target) if j not in hosted]
+
+
 def linear_cka(X: torch.Tensor, Y: torch.Tensor) -> float:
     """Linear CKA of two activation matrices with the same rows (positions)."""
     X = X.double() - X.double().mean(0)
@@ -64,17 +71,23 @@ def cka_layer_map(source_acts: list[torch.Tensor], target_acts: list[torch.Tenso
 
 
 def map_sites(kernels: list[LoraKernel], target: ModelSites, layer_map: list[int],
-              allow_drop: bool = False) -> tuple[list[SitePair], list[dict]]:
-    """Pair every source kernel with a target site; returns (pairs, dropped)."""
+              allow_drop: bool = False, extra: list[tuple[int, int]] = ()) -> tuple[list[SitePair], list[dict]]:
+    """Pair every source kernel with a target site; returns (pairs, dropped). `extra` (source layer,
+    target layer) pairs host the kernels of that source layer a second time (uncovered_layers)."""
     pairs, dropped = [], []
-    for k in kernels:
-        j = layer_map[k.layer]
-        role, note = k.role, ""
+    placements = [(k, layer_map[k.layer], "") for k in kernels]
+    placements += [(k, j, f"copy for target layer {j}, which the layer map leaves empty")
+                   for i, j in extra for k in kernels if k.layer == i]
+    for k, j, copy_note in placements:
+        role, note = k.role, copy_note
         if (j, role) not in target.sites:
             alt = ROLE_COUNTERPARTS.get(role)
             if alt and (j, alt) in target.sites:
-                role, note = alt, f"target has no {k.role!r}; mapped to its counterpart {alt!r}"
+                role, note = alt, "; ".join(filter(None, [copy_note, f"target has no {k.role!r}; mapped to its "
+                                                                      f"counterpart {alt!r}"]))
             elif allow_drop:
+                if copy_note:  # the kernel itself is reported (or ported) at its own layer
+                    continue
                 dropped.append({"source": k.key, "source_module": k.module_path,
                                 "reason": f"target family {target.family.name} has no {k.role!r} role"})
                 continue

@@ -49,6 +49,7 @@ class LoopConfig:
     teacher: str = "source"
     delta_weight: float = 0.5  # teacher "blend": log p_S+LoRA + delta_weight * (log p_T - log p_S)
     lora_weight: float = 1.0  # a: the teacher applies a x the LoRA's effect on the source (losses.delta_teacher)
+    other_bucket: bool = False  # KL over the shared vocabulary + one bucket for the rest (losses.shared_log_probs)
     teacher_lora: bool = True  # False: the teacher's source side without the LoRA (the imitation control)
     position_weight: str = "uniform"  # "lora-effect": weight each position's KL by KL(S+LoRA || S) there
     warmup: int = 20
@@ -90,7 +91,7 @@ def autocast(device: torch.device, amp: str):
 def teacher_outputs(source, source_inner, target, wrappers, ports: list[tuple[PortedKernel, Site]],
                     batch: PairBatch, cols: SharedVocab, teacher: str, tau: float, want_z: bool,
                     position_weight: str = "uniform", delta_weight: float = 0.5,
-                    teacher_lora: bool = True, lora_weight: float = 1.0) -> TeacherOutput:
+                    teacher_lora: bool = True, lora_weight: float = 1.0, other: bool = False) -> TeacherOutput:
     """The source side of a step (no grad): the teacher's log-probs over the shared vocabulary at
     the aligned positions, each kernel's view of its source-site inputs (for the MSE term), and
     with `position_weight` "lora-effect" each position's weight: KL(S+LoRA || S) there over its
@@ -100,7 +101,9 @@ def teacher_outputs(source, source_inner, target, wrappers, ports: list[tuple[Po
     Every teacher is log p_S+LoRA + w (log p_T - log p_S), renormalised: w = 0 for "source", 1 for
     "delta", `delta_weight` for "blend"; `lora_weight` a scales the LoRA's term (log p_S+LoRA -
     log p_S). `teacher_lora` False puts the source base in the place of S+LoRA: the same teacher
-    with the LoRA switched off, the imitation control ("source_base" is "source" without the LoRA)."""
+    with the LoRA switched off, the imitation control ("source_base" is "source" without the LoRA).
+    `other`: every distribution has one more column, its mass outside the shared vocabulary, which
+    the teacher formula treats like a token."""
     source_paths = sorted({p.source_module for p, _ in ports}) if want_z else []
 
     def logp_source(use_lora: bool):
@@ -111,7 +114,7 @@ def teacher_outputs(source, source_inner, target, wrappers, ports: list[tuple[Po
                 with source.disable_adapter():
                     out = source(input_ids=batch.ids_s, attention_mask=batch.mask_s)
         logits = gather_aligned(out.logits, batch.pos_s, batch.pos_mask)
-        return shared_log_probs(logits, cols.ids_s, tau), cap.inputs
+        return shared_log_probs(logits, cols.ids_s, tau, other), cap.inputs
 
     with torch.no_grad():
         lp_lora, inputs = logp_source(True)
@@ -134,7 +137,7 @@ def teacher_outputs(source, source_inner, target, wrappers, ports: list[tuple[Po
             return TeacherOutput(logp=logp, z=z, weight=weight)
         with deltas_off(wrappers):
             t_logits = target(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
-        lp_t = shared_log_probs(gather_aligned(t_logits, batch.pos_t, batch.pos_mask), cols.ids_t, tau)
+        lp_t = shared_log_probs(gather_aligned(t_logits, batch.pos_t, batch.pos_mask), cols.ids_t, tau, other)
         return TeacherOutput(logp=delta_teacher(lp_t, lp_teach.to(lp_t.device), lp_base.to(lp_t.device), w,
                                                 lora_weight),
                              z=z, weight=weight)
@@ -155,12 +158,13 @@ def cast_loss(source, source_inner, target, wrappers, ports: list[tuple[PortedKe
         if t_out is None:
             t_out = teacher_outputs(source, source_inner, target, wrappers, ports, batch, cols, cfg.teacher,
                                     cfg.temperature, cfg.beta > 0, cfg.position_weight, cfg.delta_weight,
-                                    cfg.teacher_lora, cfg.lora_weight)
+                                    cfg.teacher_lora, cfg.lora_weight, cfg.other_bucket)
             if cache is not None:  # the same top-k whether the step was read or computed: same heads
                 t_out = t_out.top_k(cache.top_k)
                 cache.save(step, batch, t_out)
         logits = target(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
-    lp_student = shared_log_probs(gather_aligned(logits, batch.pos_t, batch.pos_mask), cols.ids_t, cfg.temperature)
+    lp_student = shared_log_probs(gather_aligned(logits, batch.pos_t, batch.pos_mask), cols.ids_t, cfg.temperature,
+                                  cfg.other_bucket)
     t_out = t_out.to(lp_student.device)
     if t_out.logp is not None:
         kl = kl_divergence(t_out.logp, lp_student, cfg.temperature, t_out.weight)
@@ -185,7 +189,7 @@ def held_out_kl(source, source_inner, target, wrappers, ports: list[tuple[Ported
         with autocast(device, cfg.amp):
             teachers = [teacher_outputs(source, source_inner, target, wrappers, ports, b, cols, cfg.teacher,
                                         cfg.temperature, False, cfg.position_weight, cfg.delta_weight,
-                                        cfg.teacher_lora, cfg.lora_weight)
+                                        cfg.teacher_lora, cfg.lora_weight, cfg.other_bucket)
                         for b in batches]
 
         def kl_at() -> float:
@@ -200,6 +204,10 @@ def held_out_kl(source, source_inner, target, wrappers, ports: list[tuple[Ported
 def step_setup(source_inner, target, vocab: SharedVocab, target_blocks: list[str], cfg: LoopConfig):
     """What every step runs inside: logits over the shared vocabulary only (both models), and the
     target's blocks checkpointed when asked. Yields the columns to pass to `cast_loss`."""
+    if cfg.other_bucket:  # the bucket needs every column: no restricted output layer
+        with checkpointed_blocks(target, target_blocks, cfg.checkpointing):
+            yield vocab
+        return
     with shared_logits(source_inner, vocab.ids_s) as cols_s, shared_logits(target, vocab.ids_t) as cols_t, \
             checkpointed_blocks(target, target_blocks, cfg.checkpointing):
         yield SharedVocab(cols_s, cols_t)

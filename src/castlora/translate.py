@@ -33,7 +33,7 @@ from .families import UnsupportedArchitectureError, family_for, model_sites
 from .generate import sample_texts
 from .models import check_model_path, load_model, load_tokenizer, local_model_type
 from .safe_io import atomic_folder, write_text_atomic
-from .site_map import cka_layer_map, map_sites, proportional_layer_map
+from .site_map import cka_layer_map, map_sites, proportional_layer_map, uncovered_layers
 from .tokens import encode_pair, shared_vocab
 from .teacher_cache import TeacherCache, file_digest, text_digest
 from .teacher_choice import choose_teacher, strength_budget, strength_texts
@@ -245,7 +245,8 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
         cka_info = [[round(v, 4) for v in row] for row in sim]
     else:
         layer_map = proportional_layer_map(s_sites.num_layers, t_sites.num_layers)
-    pairs, dropped = map_sites(lora.kernels, t_sites, layer_map, cfg.allow_drop)
+    extra = uncovered_layers(layer_map, t_sites.num_layers) if cfg.cover_layers else []
+    pairs, dropped = map_sites(lora.kernels, t_sites, layer_map, cfg.allow_drop, extra)
     if not pairs:
         raise CastloraError("no adapter site could be ported to the target")
     for d in dropped:
@@ -293,6 +294,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
             loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, alpha=cfg.alpha, beta=cfg.beta,
                               temperature=cfg.temperature, teacher=teacher, delta_weight=cfg.delta_weight,
                               lora_weight=cfg.lora_weight, teacher_lora=cfg.teacher_lora,
+                              other_bucket=cfg.other_bucket,
                               position_weight=cfg.position_weight,
                               warmup=min(20, max(1, cfg.steps // 10)), checkpoint_every=cfg.checkpoint_every,
                               amp=amp, checkpointing=cfg.gradient_checkpointing)
@@ -333,6 +335,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
                     "target": str(cfg.target) if teacher in ("delta", "blend") else None,
                     "teacher": teacher, "delta_weight": cfg.delta_weight if teacher == "blend" else None,
                     **({"lora_weight": cfg.lora_weight} if cfg.lora_weight != 1 else {}),  # older caches: a = 1
+                    **({"other_bucket": True} if cfg.other_bucket else {}),
                     "teacher_lora": cfg.teacher_lora,
                     "position_weight": cfg.position_weight, "temperature": cfg.temperature, "dtype": cfg.dtype, "amp": amp,
                     "vocab": text_digest([str(vocab.ids_s.tolist()), str(vocab.ids_t.tolist())]),
@@ -372,7 +375,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
     record = {
         "castlora_version": __version__, "source": cfg.source, "target": cfg.target, "adapter": cfg.adapter,
         "source_family": s_sites.family.name, "target_family": t_sites.family.name,
-        "layer_map": layer_map, "layer_map_kind": cfg.layer_map, "cka": cka_info,
+        "layer_map": layer_map, "layer_map_kind": cfg.layer_map, "layer_copies": [list(e) for e in extra], "cka": cka_info,
         "site_map": [p.describe() for p in pairs], "dropped": dropped,
         "config": to_dict(cfg), "teacher": choice_info or {"teacher": teacher}, "init": init_info,
         "held_out_kl": held_out_info, "loss_curve": history,

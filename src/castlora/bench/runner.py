@@ -47,6 +47,10 @@ METHODS: dict[str, dict] = {
     # text (general/valid, see below) and takes the blend from a weaker source; its control beside it
     "cast_auto_gen": {"teacher": "auto", "generate": -1},
     "imitation_auto_gen": {"teacher": "auto", "teacher_lora": False, "generate": -1},
+    # the default with every target layer hosting the LoRA (--cover-layers; a deeper target gets copies of
+    # the nearest source layer's kernels), and its control
+    "cast_auto_gen_cover": {"teacher": "auto", "generate": -1, "cover_layers": True},
+    "imitation_auto_gen_cover": {"teacher": "auto", "teacher_lora": False, "generate": -1, "cover_layers": True},
     # The exact-match recipe chosen on validation examples (benchmarks/levers.py, docs/results.md):
     # start at the target base (zero output heads) and train faster; its imitation control beside it.
     "cast_delta_gen_zd": {"teacher": "delta", "generate": -1, "init": "zero-delta", "lr": 1e-2},

@@ -1,0 +1,98 @@
+"""How much of the gap could a port recover by matching its teacher exactly? The imitation ceiling.
+
+CAST trains the target to match a teacher on general and generated text. If it matched the teacher
+perfectly, its score on task text would be the teacher's own score there. This scores every teacher
+castlora has,
+
+    log p = (1 - w) log p_S + w log p_T + a (log p_S+LoRA - log p_S),   renormalised,
+
+as a predictor of the target's next token on the task's validation text (the last training document,
+as in levers.py), next to the target base and the target with its retrained LoRA, and prints the gap
+each teacher would recover. All three are compared on the same footing: aligned positions whose next
+target token is in the shared vocabulary, with every distribution renormalised over that vocabulary
+(a teacher has no probability for the rest). Ports named after DIR (DIR/ports/NAME) are scored the
+same way, so their distance to the ceiling is read in the same units.
+
+  OMP_NUM_THREADS=1 python benchmarks/teacher_ceiling.py shakespeare neox llama runs/lev_nl [PORT...]
+
+DIR holds DIR/loras/{model}_{task} (levers.py trains them there).
+"""
+
+import torch
+from peft import PeftModel
+
+from castlora.models import load_model
+
+from lever_folder import aligned_log_probs, lever_folder, validation_batches
+
+W = (0.0, 0.25, 0.5, 0.75, 1.0)
+A = (0.5, 0.75, 1.0, 1.25, 1.5)
+
+lf = lever_folder()
+task, src, tgt, out, zoo, vocab = lf.task, lf.src, lf.tgt, lf.out, lf.zoo, lf.vocab
+batches = {task: validation_batches(lf)[task]}
+
+# The next target token at every aligned position, as an index into the shared vocabulary (-1: none).
+shared_index = torch.full((len(lf.tok_t),), -1, dtype=torch.long)
+shared_index[vocab.ids_t] = torch.arange(vocab.size)
+nexts = []
+for b in batches[task]:
+    rows = torch.arange(b.pos_t.shape[0])[:, None].expand_as(b.pos_t)
+    nxt = (b.pos_t + 1).clamp(max=b.ids_t.shape[1] - 1)
+    real = b.mask_t.bool()[rows, nxt] & (b.pos_t + 1 < b.ids_t.shape[1])  # a real next token exists
+    idx = torch.where(real, shared_index[b.ids_t[rows, nxt]], torch.full_like(nxt, -1))
+    nexts.append(idx[b.pos_mask])
+keep = [n >= 0 for n in nexts]
+n_aligned, n_kept = sum(n.numel() for n in nexts), sum(int(k.sum()) for k in keep)
+
+
+def loss(log_probs: list[torch.Tensor]) -> float:
+    """Mean negative log-likelihood of the next target token, over the kept positions."""
+    total = sum(-lp[k].gather(1, n[k][:, None]).sum().item() for lp, n, k in zip(log_probs, nexts, keep))
+    return total / n_kept
+
+
+def with_lora(model_name: str, adapter: str):
+    return PeftModel.from_pretrained(load_model(str(zoo / model_name)), adapter).eval()
+
+
+source = with_lora(src, str(out / "loras" / f"{src}_{task}"))
+lp_sl = aligned_log_probs(source, "s", batches, vocab)[task]
+with source.disable_adapter():
+    lp_s = aligned_log_probs(source, "s", batches, vocab)[task]
+del source
+target = with_lora(tgt, str(out / "loras" / f"{tgt}_{task}"))
+lp_o = aligned_log_probs(target, "t", batches, vocab)[task]
+with target.disable_adapter():
+    lp_t = aligned_log_probs(target, "t", batches, vocab)[task]
+del target
+base, oracle = loss(lp_t), loss(lp_o)
+
+
+def gap(value: float) -> float:
+    return (base - value) / (base - oracle)
+
+
+def teacher(w: float, a: float) -> list[torch.Tensor]:
+    return [torch.log_softmax((1 - w) * s + w * t + a * (sl - s), dim=-1)
+            for s, sl, t in zip(lp_s, lp_sl, lp_t)]
+
+
+print(f"{task} {src}->{tgt}: next-token loss on {n_kept} of {n_aligned} aligned positions of the task's "
+      f"validation text (next target token in the shared vocabulary of {vocab.size})")
+print(f"target base {base:.3f}, target + retrained LoRA {oracle:.3f}; "
+      f"source + LoRA {loss(lp_sl):.3f} (gap {gap(loss(lp_sl)):.3f}), source base {loss(lp_s):.3f}")
+print("\ngap recovered by a port that matched the teacher exactly (loss in brackets)")
+print("| w \\ a | " + " | ".join(f"{a:g}" for a in A) + " |")
+print("|---|" + "---:|" * len(A))
+for w in W:
+    cells = []
+    for a in A:
+        value = loss(teacher(w, a))
+        cells.append(f"{gap(value):.3f} ({value:.3f})")
+    print(f"| {w:g} | " + " | ".join(cells) + " |", flush=True)
+for name in lf.ports:
+    port = with_lora(tgt, str(out / "ports" / name))
+    value = loss(aligned_log_probs(port, "t", batches, vocab)[task])
+    print(f"port {name}: loss {value:.3f}, gap recovered {gap(value):.3f}", flush=True)
+    del port
