@@ -11,7 +11,8 @@ as in levers.py), next to the target base and the target with its retrained LoRA
 each teacher would recover. All three are compared on the same footing: aligned positions whose next
 target token is in the shared vocabulary, with every distribution renormalised over that vocabulary
 (a teacher has no probability for the rest). Ports named after DIR (DIR/ports/NAME) are scored the
-same way, so their distance to the ceiling is read in the same units.
+same way, so their distance to the ceiling is read in the same units, with their KL from the source
+teacher and from the blend (as the retrained LoRA's).
 
   OMP_NUM_THREADS=1 python benchmarks/teacher_ceiling.py shakespeare neox llama runs/lev_nl [PORT...]
 
@@ -69,6 +70,12 @@ del target
 base, oracle = loss(lp_t), loss(lp_o)
 
 
+def kl_from(w: float, a: float, log_probs: list[torch.Tensor]) -> float:
+    """Mean KL(teacher (w, a) || model) over every aligned position."""
+    total = sum((t.exp() * (t - lp)).sum().item() for t, lp in zip(teacher(w, a), log_probs))
+    return total / n_aligned
+
+
 def gap(value: float) -> float:
     return (base - value) / (base - oracle)
 
@@ -82,6 +89,8 @@ print(f"{task} {src}->{tgt}: next-token loss on {n_kept} of {n_aligned} aligned 
       f"validation text (next target token in the shared vocabulary of {vocab.size})")
 print(f"target base {base:.3f}, target + retrained LoRA {oracle:.3f}; "
       f"source + LoRA {loss(lp_sl):.3f} (gap {gap(loss(lp_sl)):.3f}), source base {loss(lp_s):.3f}")
+print(f"KL(source teacher || target) base {kl_from(0, 1, lp_t):.3f}, retrained {kl_from(0, 1, lp_o):.3f}; "
+      f"KL(blend || target) base {kl_from(0.5, 1, lp_t):.3f}, retrained {kl_from(0.5, 1, lp_o):.3f}")
 print("\ngap recovered by a port that matched the teacher exactly (loss in brackets)")
 print("| w \\ a | " + " | ".join(f"{a:g}" for a in A) + " |")
 print("|---|" + "---:|" * len(A))
@@ -93,6 +102,8 @@ for w in W:
     print(f"| {w:g} | " + " | ".join(cells) + " |", flush=True)
 for name in lf.ports:
     port = with_lora(tgt, str(out / "ports" / name))
-    value = loss(aligned_log_probs(port, "t", batches, vocab)[task])
-    print(f"port {name}: loss {value:.3f}, gap recovered {gap(value):.3f}", flush=True)
+    lp_port = aligned_log_probs(port, "t", batches, vocab)[task]
+    value = loss(lp_port)
+    print(f"port {name}: loss {value:.3f}, gap recovered {gap(value):.3f}; KL(source teacher || port) "
+          f"{kl_from(0, 1, lp_port):.3f}, KL(blend || port) {kl_from(0.5, 1, lp_port):.3f}", flush=True)
     del port
