@@ -192,9 +192,13 @@ def test_other_bucket_keeps_each_models_mass_outside_the_shared_vocabulary():
     # at temperature tau it is the distribution at tau, bucketed the same way
     torch.testing.assert_close(shared_log_probs(logits, ids, 2.0, other=True)[:, :4],
                                torch.log_softmax(logits / 2, -1)[:, ids], rtol=1e-5, atol=1e-6)
-    # one vocabulary on both sides: no bucket, the plain distribution (no -inf column to poison the KL)
-    every = torch.arange(12)
-    torch.testing.assert_close(shared_log_probs(logits, every, other=True), full, rtol=1e-5, atol=1e-6)
+    # every token shared on this side (the other side may have a bucket): an empty bucket, the plain
+    # distribution beside it, and a finite KL against a model that does put mass there
+    every = shared_log_probs(logits, torch.arange(12), other=True)
+    assert every.shape == (5, 13) and (every[:, 12] < -1000).all()
+    torch.testing.assert_close(every[:, :12], full, rtol=1e-5, atol=1e-6)
+    other = shared_log_probs(torch.randn(5, 14), torch.arange(12), other=True)
+    assert torch.isfinite(kl_divergence(every, other)) and torch.isfinite(kl_divergence(other, every))
 
 
 def test_kl_divergence_zero_for_identical_and_positive_otherwise():

@@ -13,15 +13,18 @@ def shared_log_probs(logits: torch.Tensor, vocab_ids: torch.Tensor | None, tau: 
 
     `other` (needs `vocab_ids` and the full logits): one more column, the model's mass on every
     token outside the shared vocabulary, so the distribution is the model's own (not renormalised)
-    with the unshared tokens lumped into one bucket (none when the shared vocabulary is everything)."""
+    with the unshared tokens lumped into one bucket (empty, probability ~0, when the shared
+    vocabulary is every token of this model: the other side may still have a bucket)."""
     if other:
         z = logits.float() / tau
         ids = vocab_ids.to(logits.device)
         rest = torch.ones(z.shape[-1], dtype=torch.bool, device=z.device)
         rest[ids] = False
-        if not rest.any():  # one vocabulary on both sides: nothing outside it, no bucket
-            return F.log_softmax(z.index_select(-1, ids), dim=-1)
-        bucket = torch.logsumexp(z[..., rest], dim=-1, keepdim=True)
+        if rest.any():
+            bucket = torch.logsumexp(z[..., rest], dim=-1, keepdim=True)
+        else:  # nothing outside the shared vocabulary: an empty bucket, so both sides keep one more
+            # column; finite, so that 0 * (log p - log q) stays 0 in the KL (with -inf it is nan)
+            bucket = z.new_full((*z.shape[:-1], 1), -1e4)
         return F.log_softmax(torch.cat([z.index_select(-1, ids), bucket], dim=-1), dim=-1)
     if vocab_ids is not None:
         logits = logits.index_select(-1, vocab_ids.to(logits.device))
