@@ -13,11 +13,8 @@ DIR holds DIR/loras/{model}_{task} and DIR/ports/NAME (levers.py writes them the
 
 import torch
 import torch.nn.functional as F
-from peft import PeftModel
 
-from castlora.models import load_model
-
-from lever_folder import lever_folder, validation_batches
+from lever_folder import lever_folder, validation_batches, with_adapter
 
 lf = lever_folder()
 batches = validation_batches(lf)[lf.task]
@@ -51,7 +48,7 @@ def split(nll: list[torch.Tensor]) -> tuple[float, float]:
 
 n_a = sum(int(m.sum()) for m in aligned)
 n_u = sum(int((r & ~m).sum()) for r, m in zip(real, aligned))
-target = PeftModel.from_pretrained(load_model(str(lf.zoo / lf.tgt)), str(lf.out / "loras" / f"{lf.tgt}_{lf.task}")).eval()
+target = with_adapter(lf, lf.tgt)
 ret = split(losses(target))
 with target.disable_adapter():
     base = split(losses(target))
@@ -64,7 +61,7 @@ print(f"mean loss aligned: base {base[0] / n_a:.3f}, retrained {ret[0] / n_a:.3f
 print("| port | gap aligned | gap unaligned | gap all |")
 print("|---|---:|---:|---:|")
 for name in lf.ports:
-    port = PeftModel.from_pretrained(load_model(str(lf.zoo / lf.tgt)), str(lf.out / "ports" / name)).eval()
+    port = with_adapter(lf, lf.tgt, name)
     p = split(losses(port))
     print(f"| {name} | {(base[0] - p[0]) / (base[0] - ret[0]):.3f} | {(base[1] - p[1]) / (base[1] - ret[1]):.3f} | "
           f"{(sum(base) - sum(p)) / (sum(base) - sum(ret)):.3f} |", flush=True)

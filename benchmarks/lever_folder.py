@@ -6,13 +6,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from peft import PeftModel
 
 from castlora.bench.tasks import get_task
 from castlora.closed_form import gather_aligned
 from castlora.corpus import make_chunks, read_corpus, read_documents
 from castlora.demo import shared_dir
 from castlora.losses import shared_log_probs
-from castlora.models import load_tokenizer
+from castlora.models import load_model, load_tokenizer
 from castlora.tokens import encode_pair, shared_vocab
 
 
@@ -51,3 +52,10 @@ def aligned_log_probs(model, side: str, batches: dict, vocab) -> dict[str, list[
             logits = model(input_ids=ids_in, attention_mask=mask).logits
             res[name].append(shared_log_probs(gather_aligned(logits, pos, b.pos_mask), ids))
     return res
+
+
+def with_adapter(lf: SimpleNamespace, model_name: str, port: str | None = None):
+    """The zoo model `model_name` with its task LoRA (DIR/loras/{model}_{task}), or with the port
+    DIR/ports/`port`."""
+    path = lf.out / "ports" / port if port else lf.out / "loras" / f"{model_name}_{lf.task}"
+    return PeftModel.from_pretrained(load_model(str(lf.zoo / model_name)), str(path)).eval()

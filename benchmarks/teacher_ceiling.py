@@ -20,17 +20,14 @@ DIR holds DIR/loras/{model}_{task} (levers.py trains them there).
 """
 
 import torch
-from peft import PeftModel
 
-from castlora.models import load_model
-
-from lever_folder import aligned_log_probs, lever_folder, validation_batches
+from lever_folder import aligned_log_probs, lever_folder, validation_batches, with_adapter
 
 W = (0.0, 0.25, 0.5, 0.75, 1.0)
 A = (0.5, 0.75, 1.0, 1.25, 1.5)
 
 lf = lever_folder()
-task, src, tgt, out, zoo, vocab = lf.task, lf.src, lf.tgt, lf.out, lf.zoo, lf.vocab
+task, src, tgt, vocab = lf.task, lf.src, lf.tgt, lf.vocab
 batches = {task: validation_batches(lf)[task]}
 
 # The next target token at every aligned position, as an index into the shared vocabulary (-1: none).
@@ -53,16 +50,12 @@ def loss(log_probs: list[torch.Tensor]) -> float:
     return total / n_kept
 
 
-def with_lora(model_name: str, adapter: str):
-    return PeftModel.from_pretrained(load_model(str(zoo / model_name)), adapter).eval()
-
-
-source = with_lora(src, str(out / "loras" / f"{src}_{task}"))
+source = with_adapter(lf, src)
 lp_sl = aligned_log_probs(source, "s", batches, vocab)[task]
 with source.disable_adapter():
     lp_s = aligned_log_probs(source, "s", batches, vocab)[task]
 del source
-target = with_lora(tgt, str(out / "loras" / f"{tgt}_{task}"))
+target = with_adapter(lf, tgt)
 lp_o = aligned_log_probs(target, "t", batches, vocab)[task]
 with target.disable_adapter():
     lp_t = aligned_log_probs(target, "t", batches, vocab)[task]
@@ -101,7 +94,7 @@ for w in W:
         cells.append(f"{gap(value):.3f} ({value:.3f})")
     print(f"| {w:g} | " + " | ".join(cells) + " |", flush=True)
 for name in lf.ports:
-    port = with_lora(tgt, str(out / "ports" / name))
+    port = with_adapter(lf, tgt, name)
     lp_port = aligned_log_probs(port, "t", batches, vocab)[task]
     value = loss(lp_port)
     print(f"port {name}: loss {value:.3f}, gap recovered {gap(value):.3f}; KL(source teacher || port) "

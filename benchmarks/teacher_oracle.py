@@ -18,18 +18,16 @@ DIR holds DIR/loras/{model}_{task} (levers.py trains them there).
 """
 
 import torch
-from peft import PeftModel
 
 from castlora.losses import kl_divergence
-from castlora.models import load_model
 
-from lever_folder import aligned_log_probs, lever_folder, validation_batches
+from lever_folder import aligned_log_probs, lever_folder, validation_batches, with_adapter
 
 W = (0.0, 0.25, 0.5, 0.75, 1.0)
 A = (0.5, 0.75, 1.0, 1.5, 2.0)
 
 lf = lever_folder()
-task, src, tgt, out, zoo, vocab = lf.task, lf.src, lf.tgt, lf.out, lf.zoo, lf.vocab
+task, src, tgt, vocab = lf.task, lf.src, lf.tgt, lf.vocab
 batches = validation_batches(lf)
 
 
@@ -37,17 +35,12 @@ def log_probs(model, side: str) -> dict[str, list[torch.Tensor]]:
     return aligned_log_probs(model, side, batches, vocab)
 
 
-def with_lora(model_name: str):
-    base = load_model(str(zoo / model_name))
-    return PeftModel.from_pretrained(base, str(out / "loras" / f"{model_name}_{task}")).eval()
-
-
-source = with_lora(src)
+source = with_adapter(lf, src)
 lp_sl = log_probs(source, "s")
 with source.disable_adapter():
     lp_s = log_probs(source, "s")
 del source
-target = with_lora(tgt)
+target = with_adapter(lf, tgt)
 oracle = log_probs(target, "t")
 with target.disable_adapter():
     lp_t = log_probs(target, "t")

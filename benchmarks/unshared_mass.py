@@ -10,11 +10,8 @@ lever_folder.validation_batches (every target position).
 """
 
 import torch
-from peft import PeftModel
 
-from castlora.models import load_model
-
-from lever_folder import lever_folder, validation_batches
+from lever_folder import lever_folder, validation_batches, with_adapter
 
 lf = lever_folder()
 batches = validation_batches(lf)
@@ -38,7 +35,7 @@ def row(name: str, values: dict[str, float]) -> str:
     return f"| {name} | " + " | ".join(f"{v:.3f}" for v in values.values()) + " |"
 
 
-target = PeftModel.from_pretrained(load_model(str(lf.zoo / lf.tgt)), str(lf.out / "loras" / f"{lf.tgt}_{lf.task}")).eval()
+target = with_adapter(lf, lf.tgt)
 retrained = shared_mass(target)
 with target.disable_adapter():
     base = shared_mass(target)
@@ -49,6 +46,6 @@ print("|---|" + "---:|" * len(base))
 print(row("base", base))
 print(row("retrained LoRA", retrained))
 for name in lf.ports:
-    port = PeftModel.from_pretrained(load_model(str(lf.zoo / lf.tgt)), str(lf.out / "ports" / name)).eval()
+    port = with_adapter(lf, lf.tgt, name)
     print(row(f"port {name}", shared_mass(port)), flush=True)
     del port

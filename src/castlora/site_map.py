@@ -37,8 +37,8 @@ def proportional_layer_map(n_source: int, n_target: int) -> list[int]:
 def uncovered_layers(layer_map: list[int], n_target: int) -> list[tuple[int, int]]:
     """(source layer, target layer) for every target layer that `layer_map` leaves empty, each taking
     the source layer at the nearest relative depth (layer centres)."""
-    n_source, hosted = len(layer_map), set(layer_map)
-    return [(min(n_source - 1, int((j + 0.5) * n_source / n_target)), j) for j in range(n_target) if j not in hosted]
+    nearest, hosted = proportional_layer_map(n_target, len(layer_map)), set(layer_map)  # target j -> source
+    return [(nearest[j], j) for j in range(n_target) if j not in hosted]
 
 
 def linear_cka(X: torch.Tensor, Y: torch.Tensor) -> float:
