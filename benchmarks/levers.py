@@ -30,6 +30,7 @@ from castlora.corpus import read_documents
 from castlora.demo import shared_dir
 from castlora.evaluate import completion_loss, exact_match, load_examples, text_loss
 from castlora.models import load_model, load_tokenizer
+from castlora.safe_io import write_text_atomic
 from castlora.train_lora import train_lora
 from castlora.translate import translate
 
@@ -96,7 +97,7 @@ for v in variants:
     if opts.pop("corpus", "") == "task":  # every training document but the validation one
         corpus = str(out / "tasks" / "train_but_validation.jsonl")
         Path(corpus).parent.mkdir(parents=True, exist_ok=True)
-        Path(corpus).write_text("".join(json.dumps({"text": d}) + "\n" for d in read_documents(train.train)[:-1]))
+        write_text_atomic(corpus, "".join(json.dumps({"text": d}) + "\n" for d in read_documents(train.train)[:-1]))
     t0 = time.perf_counter()
     res = translate(source=str(shared / "zoo" / src), adapter=src_lora, target=str(shared / "zoo" / tgt),
                     corpus=[corpus], out=str(out / "ports" / name),
