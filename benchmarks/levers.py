@@ -36,6 +36,8 @@ from castlora.translate import translate
 
 
 def parse(value: str):
+    if value in ("True", "False"):
+        return value == "True"
     for cast in (int, float):
         try:
             return cast(value)

@@ -125,6 +125,36 @@ def test_ported_kernel_identity_reproduces_source_delta():
     torch.testing.assert_close(port(x), x @ k.delta_weight().t(), rtol=1e-4, atol=1e-4)
 
 
+def test_balanced_kernels_keep_the_delta_equalise_the_gains_and_restore_on_exit():
+    from castlora.adapters import LoraKernel
+    from castlora.cast_module import balanced_kernels
+    from castlora.families import Site
+
+    g = torch.Generator().manual_seed(0)
+    # a steep kernel: its directions' gains span 100x
+    A = torch.randn(4, 12, generator=g) * torch.tensor([10.0, 3.0, 1.0, 0.1])[:, None]
+    B = torch.randn(10, 4, generator=g)
+    site = Site(0, "q", "m.q", 12, 10, 10, None, False)
+    port = PortedKernel(LoraKernel(0, "q", "m.q", A, B, 0.5), site)
+    port.set_identity()
+    x = torch.randn(5, 12, generator=g)
+    before, core, w = port(x).detach(), port.core.clone(), port.p_out.weight.detach().clone()
+    gains = core.norm(dim=1)
+    assert gains.max() / gains.min() > 10
+    with balanced_kernels([(port, site)]):
+        torch.testing.assert_close(port(x), before, rtol=1e-4, atol=1e-5)  # the same delta
+        inner = port.core.norm(dim=1)
+        torch.testing.assert_close(inner, torch.full_like(inner, float(gains.mean())))  # one gain for all
+    torch.testing.assert_close(port.core, core)
+    torch.testing.assert_close(port.p_out.weight, w)
+    torch.testing.assert_close(port(x), before, rtol=1e-4, atol=1e-5)
+
+    mlp = PortedKernel(LoraKernel(0, "q", "m.q", A, B, 0.5), site, head="mlp")
+    with pytest.raises(ValueError, match="linear heads"):
+        with balanced_kernels([(mlp, site)]):
+            pass
+
+
 # ---------------------------------------------------------------- losses
 
 

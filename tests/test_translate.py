@@ -297,6 +297,59 @@ def test_other_bucket_trains_with_a_finite_kl_across_tokenizers(folders, tmp_pat
     assert res.record["config"]["other_bucket"] is True
 
 
+def test_balanced_kernels_start_from_the_same_delta_and_export_the_original_core(folders, tmp_path):
+    plain = _run(folders, tmp_path / "plain", steps=3, lr=0.3)
+    bal = _run(folders, tmp_path / "bal", steps=3, lr=0.3, balanced_kernels=True)
+    kp, kb = [r["kl"] for r in plain.record["loss_curve"]], [r["kl"] for r in bal.record["loss_curve"]]
+    assert kb[0] == pytest.approx(kp[0], rel=1e-4)  # the same ported delta before the first step
+    hp, hb = load_file(str(tmp_path / "plain" / "heads.safetensors")), load_file(str(tmp_path / "bal" / "heads.safetensors"))
+    cores = [k for k in hp if k.endswith(".core")]
+    assert cores and hp.keys() == hb.keys()
+    for k in cores:  # saved (and exported) in the kernel's own coordinates
+        torch.testing.assert_close(hp[k], hb[k])
+    assert kb[-1] != pytest.approx(kp[-1], rel=1e-3), (kp, kb)  # other steps from there
+
+
+def test_lora_effect_prompts_end_where_the_lora_acts_most(folders):
+    from castlora.generate import lora_effect_prompts
+    from castlora.losses import lora_effect
+
+    tok = load_tokenizer(str(folders["llama"]))
+    source = PeftModel.from_pretrained(load_model(str(folders["llama"])), str(folders["adapter"])).eval()
+    windows = read_docs("data", "general", "valid.txt.gz", n=24)
+    prompts, effects = lora_effect_prompts(source, tok, windows, 5, window=32, batch_size=8, progress=False)
+    assert len(prompts) == 5 and effects == sorted(effects, reverse=True) and effects[-1] > 0
+
+    @torch.no_grad()
+    def effect_per_position(text):
+        ids = tok(text, add_special_tokens=False, return_tensors="pt", truncation=True, max_length=32)["input_ids"]
+        lp = torch.log_softmax(source(input_ids=ids).logits.float(), -1)
+        with source.disable_adapter():
+            lp_base = torch.log_softmax(source(input_ids=ids).logits.float(), -1)
+        return lora_effect(lp, lp_base)[0]
+
+    all_maxima = sorted((effect_per_position(w)[4:].max().item() for w in windows), reverse=True)
+    assert effects == pytest.approx(all_maxima[:5], rel=1e-3)  # the five strongest windows
+    for prompt, e in zip(prompts, effects):  # each cut right after its strongest position
+        assert effect_per_position(prompt)[-1].item() == pytest.approx(e, rel=1e-2)
+    # a LoRA that changes nothing finds no prompt
+    zero = PeftModel.from_pretrained(load_model(str(folders["llama"])), str(folders["zero"])).eval()
+    assert lora_effect_prompts(zero, tok, windows, 5, window=32, progress=False) == ([], [])
+
+
+def test_generate_from_lora_effect_trains_on_mined_prompts(folders, tmp_path):
+    res = _run(folders, tmp_path / "mined", steps=2, generate=4, mix=0.5, generate_from="lora-effect")
+    corpus = res.record
+    n = corpus["generated_texts"]  # 1/2 of the 2 x 2 training texts
+    assert n == 2 and corpus["mined_windows"] == translate_mod.MINE_POOL * n
+    assert corpus["prompt_effect"]["max"] >= corpus["prompt_effect"]["min"] > 0
+    with pytest.raises(CorpusError, match="no window"):
+        castlora.translate(source=str(folders["llama"]), adapter=str(folders["zero"]), target=str(folders["neox"]),
+                           corpus=[str(folders["corpus"])], out=str(tmp_path / "zero"), steps=2, batch_size=2,
+                           seq_len=32, calib_batches=1, generate=4, mix=0.5, generate_from="lora-effect", **QUIET)
+    assert not (tmp_path / "zero").exists()
+
+
 def test_teacher_auto_measures_strength_on_the_strength_corpus(folders, tmp_path):
     # --strength-corpus: auto compares the base models on documents of that held-out text, not of
     # --corpus, and castlora.json says which it was
@@ -420,6 +473,30 @@ def test_resume_after_interrupt_matches_uninterrupted(folders, uninterrupted, tm
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7)
     assert [r["kl"] for r in resumed.record["loss_curve"]] == [r["kl"] for r in full.record["loss_curve"]]
+
+
+def test_balanced_kernels_resume_matches_uninterrupted(folders, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    _run(folders, full, balanced_kernels=True, **RESUME)
+    calls = {"n": 0}
+    real = translate_mod.encode_pair
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 1 + 5:
+            raise SimulatedCrash("simulated")
+        return real(*a, **k)
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(translate_mod, "encode_pair", flaky)
+    with pytest.raises(SimulatedCrash):
+        _run(folders, out, balanced_kernels=True, **RESUME)
+    monkeypatch.setattr(translate_mod, "encode_pair", real)
+    _run(folders, out, resume=True, balanced_kernels=True, **RESUME)
+    a, b = load_file(str(full / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------- g. existing output

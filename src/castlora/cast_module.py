@@ -15,7 +15,7 @@ from torch import nn
 
 from .adapters import LoraKernel
 from .families import Site
-from .heads import make_head
+from .heads import LinearHead, make_head
 
 
 def execution_device(module: nn.Module) -> torch.device:
@@ -115,6 +115,36 @@ def attached(model: nn.Module, ports: list[tuple[PortedKernel, Site]]) -> Iterat
     finally:
         for parent, name, original in reversed(swapped):
             setattr(parent, name, original)
+
+
+@contextmanager
+def balanced_kernels(ports: list[tuple[PortedKernel, Site]]) -> Iterator[None]:
+    """Train the output heads in coordinates where the kernel's r directions have equal gain.
+
+    The core is diag(Sk) Wk^T: direction j of the kernel passes with gain Sk[j], so a step of the
+    output head's column j moves the ported delta Sk[j] times as far. Adam takes steps of about the
+    same size in every parameter, so the delta learns the weak directions of a steep LoRA slowly.
+    Inside, the core is c Wk^T (c the mean of Sk) and column j of P_out is scaled by Sk[j] / c: the
+    same delta, the same function class, every direction at one gain. On exit both go back, so the
+    heads are exported and saved as always. Linear heads only (an MLP head's branch reads the core
+    too)."""
+    gains = []
+    with torch.no_grad():
+        for port, _ in ports:
+            if not isinstance(port.p_out, LinearHead):
+                raise ValueError("--balanced-kernels needs linear heads (--head linear)")
+            sk = port.core.norm(dim=1)  # the rows of diag(Sk) Wk^T have norms Sk
+            g = (sk.mean() / sk.clamp_min(1e-3 * sk.max().clamp_min(1e-30))).clamp_max(1e3)
+            port.core.mul_(g[:, None])
+            port.p_out.weight.div_(g)
+            gains.append(g)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for (port, _), g in zip(ports, gains):
+                port.core.div_(g[:, None].to(port.core.device))
+                port.p_out.weight.mul_(g.to(port.p_out.weight.device))
 
 
 @contextmanager

@@ -59,6 +59,10 @@ class TranslateConfig:
                                     "the shared vocabulary (which leaves the student's unshared mass untrained). "
                                     "Computes every output column (slower). On shakespeare validation text (blend, "
                                     "neox->llama) 0.606 of the gap, as without it (docs/results.md, session 10)")
+    balanced_kernels: bool = opt(False, "train the output heads in coordinates where each of the kernel's r "
+                                        "directions has the same gain (the same ported delta, the same heads at "
+                                        "export): Adam otherwise moves a steep LoRA's weak directions slowly. Linear "
+                                        "heads only")
     strength_corpus: list = opt([], "held-out text on which --teacher auto measures which base model is the "
                                     "stronger (files or a `datasets` name, like --corpus): text neither model "
                                     "trained on measures it best. Default: documents of --corpus")
@@ -95,6 +99,12 @@ class TranslateConfig:
     mix: float = opt(1 / 3, "at most this fraction of the training texts is generated (measured: 1/3 lifted gap "
                             "recovered from 0.54 to 0.68 on llama->mistral, docs/results.md)")
     top_k: int = opt(50, "top-k of the sampling for --generate")
+    generate_from: str = opt("doc-start", "prompts of --generate. doc-start: the first 8 tokens of general "
+                                          "documents; lora-effect: windows of general text where the LoRA moves the "
+                                          "source the most (KL(source+LoRA || source)), each cut right after that "
+                                          "position, so sampling continues where the LoRA acts (a LoRA trained on "
+                                          "one prompt format barely acts elsewhere)",
+                             ("doc-start", "lora-effect"))
     device: str = opt("cpu", "torch device")
     device_map: str = opt("", "load both models sharded through accelerate: 'auto' (all GPUs, then CPU) or a "
                               "JSON module->device map; empty = everything on --device")

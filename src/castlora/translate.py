@@ -30,7 +30,7 @@ from .corpus import check_corpus_path, make_chunks, read_corpus
 from .errors import CastloraError, CorpusError
 from .export import export_peft, module_factors
 from .families import UnsupportedArchitectureError, family_for, model_sites
-from .generate import sample_texts
+from .generate import lora_effect_prompts, sample_texts
 from .models import check_model_path, load_model, load_tokenizer, local_model_type
 from .safe_io import atomic_folder, write_text_atomic
 from .site_map import cka_layer_map, map_sites, proportional_layer_map, uncovered_layers
@@ -41,6 +41,10 @@ from .start_scale import OUTPUT_RIDGES, scale_output_heads, search_start, set_ou
 from .train import LoopConfig, fit_heads, held_out_kl
 
 MIN_ALIGNED_FRACTION = 0.2
+# --generate-from lora-effect scores MINE_POOL candidate windows of MINE_WINDOW source tokens per text to
+# generate (two source passes over each) and keeps the strongest: a trigger as rare as one in 10,000
+# tokens of general text still gives a few dozen prompts
+MINE_WINDOW, MINE_POOL = 64, 8
 
 
 @dataclass
@@ -134,14 +138,26 @@ def _training_texts(cfg, docs, tok_s, source, n_needed, log) -> tuple[list[str],
         saved = Path(cfg.teacher_cache) / "generated.json" if cfg.teacher_cache else None
         key = {"source": str(cfg.source), "adapter": _adapter_digest(cfg.adapter), "n": n_gen,
                "seq_len": cfg.seq_len, "top_k": cfg.top_k, "seed": cfg.seed,
-               "prompts": text_digest(docs)} if saved else None
+               "prompts": text_digest(docs),
+               **({"generate_from": cfg.generate_from} if cfg.generate_from != "doc-start" else {})} if saved else None
         gen = None
         if saved and saved.exists():
             rec = json.loads(saved.read_text())
             gen = rec["texts"] if rec.get("key") == key else None
         if gen is None:
-            gen = sample_texts(source, tok_s, docs, n_gen, max_new_tokens=cfg.seq_len, top_k=cfg.top_k,
-                               seed=cfg.seed, progress=cfg.progress)
+            prompts, prompt_tokens = docs, 8
+            if cfg.generate_from == "lora-effect":  # windows of general text where the LoRA acts the most
+                windows = make_chunks(docs, tok_s, MINE_WINDOW, MINE_POOL * n_gen, seed=cfg.seed + 1)
+                prompts, effects = lora_effect_prompts(source, tok_s, windows, n_gen, window=MINE_WINDOW,
+                                                       progress=cfg.progress)
+                if not prompts:
+                    raise CorpusError("--generate-from lora-effect found no window of the corpus where the LoRA "
+                                      "changes the source's prediction; use --generate-from doc-start")
+                prompt_tokens = MINE_WINDOW
+                info.update({"mined_windows": len(windows), "prompt_effect": {
+                    "max": effects[0], "median": effects[len(effects) // 2], "min": effects[-1]}})
+            gen = sample_texts(source, tok_s, prompts, n_gen, max_new_tokens=cfg.seq_len, top_k=cfg.top_k,
+                               prompt_tokens=prompt_tokens, seed=cfg.seed, progress=cfg.progress)
             if saved:
                 saved.parent.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(saved, json.dumps({"key": key, "texts": gen}))
@@ -294,7 +310,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
             loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, alpha=cfg.alpha, beta=cfg.beta,
                               temperature=cfg.temperature, teacher=teacher, delta_weight=cfg.delta_weight,
                               lora_weight=cfg.lora_weight, teacher_lora=cfg.teacher_lora,
-                              other_bucket=cfg.other_bucket,
+                              other_bucket=cfg.other_bucket, balanced_kernels=cfg.balanced_kernels,
                               position_weight=cfg.position_weight,
                               warmup=min(20, max(1, cfg.steps // 10)), checkpoint_every=cfg.checkpoint_every,
                               amp=amp, checkpointing=cfg.gradient_checkpointing)
