@@ -20,14 +20,7 @@ lf = lever_folder()
 batches = validation_batches(lf)[lf.task]
 
 # Per target position p (predicting token p + 1): is there a real next token, and is p aligned?
-real, aligned = [], []
-for b in batches:
-    nxt = torch.zeros_like(b.mask_t, dtype=torch.bool)
-    nxt[:, :-1] = b.mask_t[:, 1:].bool()
-    al = torch.zeros_like(nxt)
-    rows = torch.arange(b.pos_t.shape[0])[:, None].expand_as(b.pos_t)
-    al[rows[b.pos_mask], b.pos_t[b.pos_mask]] = True
-    real.append(nxt), aligned.append(al & nxt)
+real, aligned = zip(*(b.target_positions() for b in batches))
 
 
 @torch.no_grad()

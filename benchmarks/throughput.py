@@ -173,7 +173,7 @@ def main(argv=None) -> int:
         """The step fit_heads runs (teacher, student, loss, backward, optimizer)."""
         for port, _ in ports:
             port.record = True
-        loss, _, _ = cast_loss(source, source_inner, tgt, wrappers, ports, batch, cols, loop, use_cache, 0)
+        loss, _, _, _ = cast_loss(source, source_inner, tgt, wrappers, ports, batch, cols, loop, use_cache, 0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

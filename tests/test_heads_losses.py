@@ -326,3 +326,32 @@ def test_cross_validated_ridge_error_matches_a_direct_held_out_evaluation():
     for k in (0, 1):
         noise.update(k, torch.tensor(X[k][:20]), torch.tensor(rng.normal(size=(20, 4))))
     assert noise.solve(None)[1] >= 1e-1
+
+
+# ---------------------------------------------------------------- the lr back-off
+
+
+def _watch(kls, backoff, warmup=3):
+    from castlora.train import LoopConfig, LoopState, back_off
+
+    cfg, state, offs = LoopConfig(steps=len(kls), warmup=warmup, backoff=backoff), LoopState(), []
+    for kl in kls:
+        mean, low, scale = back_off(state, kl, cfg)
+        if scale < state.lr_scale:
+            offs.append(state.step)
+        state.step += 1
+        state.kl_mean, state.kl_low, state.lr_scale = mean, low, scale
+    return offs, state.lr_scale
+
+
+def test_back_off_halves_the_lr_when_the_kl_climbs_and_not_on_noise():
+    falling = [3.0, 2.5, 2.0, 1.8, 1.6, 1.5, 1.4, 1.3, 1.25, 1.2]
+    noisy = [x * (1.15 if i % 2 else 0.85) for i, x in enumerate(falling * 3)]  # +-15% batch to batch
+    assert _watch(noisy, 0.25) == ([], 1.0)
+    climbing = falling + [2.0, 4.0, 8.0, 16.0, 32.0, 32.0]
+    offs, scale = _watch(climbing, 0.25)
+    # within three steps of the climb, then again while it goes on; each halves the lr
+    assert offs and len(falling) <= offs[0] <= len(falling) + 2 and scale == 0.5 ** len(offs)
+    assert _watch(climbing, 0.0) == ([], 1.0)  # off
+    # during warmup the mean only sets the reference, however it moves
+    assert _watch([1.0, 5.0, 9.0], 0.25, warmup=3) == ([], 1.0)

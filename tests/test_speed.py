@@ -89,10 +89,10 @@ def _loss_and_grads(step_parts, cfg, restrict=True, cache=None, step=0):
     with attached(tgt, ports) as wrappers:
         if restrict:
             with step_setup(inner, tgt, vocab, t_sites.layer_paths, cfg) as cols:
-                loss, kl, mse = cast_loss(pm, inner, tgt, wrappers, ports, batch, cols, cfg, cache, step)
+                loss, kl, mse, _ = cast_loss(pm, inner, tgt, wrappers, ports, batch, cols, cfg, cache, step)
                 loss.backward()
         else:
-            loss, kl, mse = cast_loss(pm, inner, tgt, wrappers, ports, batch, vocab, cfg, cache, step)
+            loss, kl, mse, _ = cast_loss(pm, inner, tgt, wrappers, ports, batch, vocab, cfg, cache, step)
             loss.backward()
     grads = [p.grad.clone() for port, _ in ports for p in port.parameters()]
     return loss.detach(), kl.detach(), mse.detach(), grads

@@ -350,6 +350,44 @@ def test_generate_from_lora_effect_trains_on_mined_prompts(folders, tmp_path):
     assert not (tmp_path / "zero").exists()
 
 
+def test_unaligned_positions_are_the_real_ones_no_source_position_matches():
+    tok_s, tok_t = load_tokenizer(str(shared_path("zoo", "neox"))), load_tokenizer(str(shared_path("zoo", "llama")))
+    batch = encode_pair(["The unbelievably tintinnabulating bells of Westminster.", "Hi."], tok_s, tok_t, 32, 48)
+    real, aligned = batch.target_positions()
+    for b in range(2):
+        n_t = int(batch.mask_t[b].sum())
+        assert real[b].tolist() == [True] * (n_t - 1) + [False] * (real.shape[1] - n_t + 1)
+        assert sorted(torch.nonzero(aligned[b]).flatten().tolist()) == \
+            sorted(p for p, m in zip(batch.pos_t[b].tolist(), batch.pos_mask[b].tolist()) if m and p < n_t - 1)
+    assert (real & ~aligned)[0].any()  # llama splits the rare words differently from neox
+
+
+def test_unaligned_anchor_trains_and_is_zero_with_the_target_as_its_own_port(folders, tmp_path):
+    res = _run(folders, tmp_path / "anchor", steps=3, lr=1e-2, unaligned_weight=1.0)
+    curve = res.record["loss_curve"]
+    assert all(0 <= r["anchor"] < float("inf") for r in curve) and curve[-1]["anchor"] > 0
+    assert all(r["loss"] >= r["kl"] for r in curve)
+    # a zero LoRA from the zero start: the student is the target base, so the anchor is 0
+    zero = castlora.translate(source=str(folders["llama"]), adapter=str(folders["zero"]), target=str(folders["neox"]),
+                              corpus=[str(folders["corpus"])], out=str(tmp_path / "zero"), steps=1, batch_size=2,
+                              seq_len=32, calib_batches=1, init="zero-delta", unaligned_weight=1.0, **QUIET)
+    assert zero.record["loss_curve"][0]["anchor"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(CastloraError, match="unaligned-weight"):
+        _run(folders, tmp_path / "bad", steps=1, unaligned_weight=-1.0)
+
+
+def test_backoff_lowers_the_lr_of_a_diverging_run(folders, tmp_path):
+    # lr 1 on the heads makes the KL climb within a few steps on the tiny models
+    runs = {b: _run(folders, tmp_path / f"b{b}", steps=12, lr=1.0, backoff=b).record["loss_curve"] for b in (0.0, 0.1)}
+    assert not any(r.get("backed_off") for r in runs[0.0])
+    offs = [r["step"] for r in runs[0.1] if r.get("backed_off")]
+    assert offs, [r["kl"] for r in runs[0.1]]
+    first = offs[0] - 1
+    assert runs[0.1][first]["lr"] == pytest.approx(runs[0.0][first]["lr"] / 2)  # halved from that step on
+    with pytest.raises(CastloraError, match="backoff"):
+        _run(folders, tmp_path / "bad", steps=1, backoff=float("nan"))
+
+
 def test_teacher_auto_measures_strength_on_the_strength_corpus(folders, tmp_path):
     # --strength-corpus: auto compares the base models on documents of that held-out text, not of
     # --corpus, and castlora.json says which it was

@@ -59,6 +59,14 @@ class TranslateConfig:
                                     "the shared vocabulary (which leaves the student's unshared mass untrained). "
                                     "Computes every output column (slower). On shakespeare validation text (blend, "
                                     "neox->llama) 0.606 of the gap, as without it (docs/results.md, session 10)")
+    backoff: float = opt(0.0, "halve the lr for the rest of the run whenever the training KL's running mean (about "
+                              "the last 10 steps) climbs this fraction above its lowest value after warmup: the lr "
+                              "that suits one LoRA diverges on another. 0 = off")
+    unaligned_weight: float = opt(0.0, "weight of KL(target base || student) at the target positions that align "
+                                       "with no source position (inside a word the target splits and the source "
+                                       "does not: no teacher there), summed over them per aligned position; holds "
+                                       "the target to its own prediction where it cannot be taught. One more target "
+                                       "pass per step")
     balanced_kernels: bool = opt(False, "train the output heads in coordinates where each of the kernel's r "
                                         "directions has the same gain (the same ported delta, the same heads at "
                                         "export): Adam otherwise moves a steep LoRA's weak directions slowly. Linear "

@@ -168,6 +168,18 @@ class PairBatch:
         """Total number of aligned position pairs in the batch."""
         return int(self.pos_mask.sum())
 
+    def target_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two (B, Lt) bool masks over the target's positions p (each predicts token p + 1): where
+        there is a real next token, and which of those are aligned (both models have read the same
+        prefix there). The rest, inside a word the target splits and the source does not, get no
+        teacher."""
+        real = torch.zeros_like(self.mask_t, dtype=torch.bool)
+        real[:, :-1] = self.mask_t[:, 1:].bool()
+        aligned = torch.zeros_like(real)
+        rows = torch.arange(self.pos_t.shape[0], device=real.device)[:, None].expand_as(self.pos_t)
+        aligned[rows[self.pos_mask], self.pos_t[self.pos_mask]] = True
+        return real, aligned & real
+
     def to(self, device: torch.device | str) -> "PairBatch":
         """A copy with every tensor on ``device``."""
         return PairBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})

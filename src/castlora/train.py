@@ -51,6 +51,8 @@ class LoopConfig:
     lora_weight: float = 1.0  # a: the teacher applies a x the LoRA's effect on the source (losses.delta_teacher)
     other_bucket: bool = False  # KL over the shared vocabulary + one bucket for the rest (losses.shared_log_probs)
     teacher_lora: bool = True  # False: the teacher's source side without the LoRA (the imitation control)
+    unaligned_weight: float = 0.0  # KL(target base || student) at the unaligned target positions (cast_loss)
+    backoff: float = 0.0  # halve the lr when the KL's running mean climbs this fraction above its lowest (0 = off)
     balanced_kernels: bool = False  # train the output heads with every kernel direction at one gain (cast_module)
     position_weight: str = "uniform"  # "lora-effect": weight each position's KL by KL(S+LoRA || S) there
     warmup: int = 20
@@ -67,6 +69,28 @@ class LoopState:
     history: list[dict] = field(default_factory=list)
     tokens_seen: int = 0
     seconds: float = 0.0
+    lr_scale: float = 1.0  # halved by each back-off (LoopConfig.backoff)
+    kl_mean: float | None = None  # running mean of the training KL, and its lowest value since the last back-off
+    kl_low: float | None = None
+
+
+BACKOFF_MEAN = 0.9  # the running mean's decay: about the last 10 steps
+
+
+def back_off(state: LoopState, kl: float, cfg: LoopConfig) -> tuple[float, float, float]:
+    """The watch on the KL after a step with KL `kl`: (running mean, its lowest value since the last
+    back-off, lr scale). After warmup, when the running mean climbs `cfg.backoff` above its lowest
+    value, the lr is halved for the rest of the run and the watch starts again. Why: the lr that
+    suits one LoRA diverges on another (shakespeare's 3e-2 threw greet's KL from 3.6 to 6-35 within
+    35 steps, docs/results.md), and a mean that climbs over ten steps is no batch's noise. Pure: the
+    loop stores the result with the step, so a resumed run watches exactly as an uninterrupted one."""
+    mean = kl if state.kl_mean is None else BACKOFF_MEAN * state.kl_mean + (1 - BACKOFF_MEAN) * kl
+    if state.step < cfg.warmup or state.kl_low is None:  # no reference while the lr still rises
+        return mean, mean, state.lr_scale
+    low = min(state.kl_low, mean)
+    if cfg.backoff > 0 and mean > (1 + cfg.backoff) * low:
+        return mean, mean, state.lr_scale / 2
+    return mean, low, state.lr_scale
 
 
 def lr_at(step: int, cfg: LoopConfig) -> float:
@@ -148,7 +172,8 @@ def cast_loss(source, source_inner, target, wrappers, ports: list[tuple[PortedKe
               cols: SharedVocab, cfg: LoopConfig, cache: TeacherCache | None = None, step: int = 0,
               teacher_out: TeacherOutput | None = None):
     """One CAST step's loss: teacher (no grad; `teacher_out` when given, else from `cache` when it
-    holds this step) vs student on aligned positions, plus the MSE term. `cols`: the shared
+    holds this step) vs student on aligned positions, plus the MSE term and, with
+    cfg.unaligned_weight, the anchor at the unaligned positions. Returns (loss, kl, mse, anchor). `cols`: the shared
     vocabulary's columns in each model's logits (None where vocab_head.shared_logits already
     restricted them)."""
     device = next(target.parameters()).device
@@ -176,7 +201,29 @@ def cast_loss(source, source_inner, target, wrappers, ports: list[tuple[PortedKe
         for (port, _), z_s in zip(ports, t_out.z):
             z_t = gather_aligned(port.last_z, batch.pos_t, batch.pos_mask)
             mse = mse + relative_mse(z_t, z_s.to(z_t.device)).to(mse.device) / len(ports)
-    return cfg.alpha * kl + cfg.beta * mse, kl, mse
+    anchor = torch.zeros((), device=logits.device)
+    if cfg.unaligned_weight > 0:
+        anchor = unaligned_anchor(target, wrappers, batch, logits, cols, cfg)
+    return cfg.alpha * kl + cfg.beta * mse + cfg.unaligned_weight * anchor, kl, mse, anchor
+
+
+def unaligned_anchor(target, wrappers, batch: PairBatch, logits: torch.Tensor, cols: SharedVocab,
+                     cfg: LoopConfig) -> torch.Tensor:
+    """KL(target base || student) summed over the target positions that align with none of the
+    source's, over the number of aligned positions: at weight 1 each such position counts as much as
+    an aligned one. There the teacher has nothing to say (the source is inside a word the target
+    splits), yet the ported deltas act there too; this holds the target to its own prediction where
+    it cannot be taught (docs/results.md: from neox the ports lost ground at those positions)."""
+    real, aligned = batch.target_positions()
+    where = (real & ~aligned).to(logits.device)
+    if not where.any():
+        return logits.sum() * 0.0
+    with torch.no_grad(), deltas_off(wrappers):
+        base = target(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
+    lp_base = shared_log_probs(base[where.to(base.device)], cols.ids_t, cfg.temperature, cfg.other_bucket)
+    lp_student = shared_log_probs(logits[where], cols.ids_t, cfg.temperature, cfg.other_bucket)
+    kl = (lp_base.exp() * (lp_base - lp_student.to(lp_base.device))).sum()
+    return kl.to(logits.device) / max(1, batch.num_aligned) * cfg.temperature ** 2
 
 
 @contextlib.contextmanager
@@ -184,7 +231,7 @@ def held_out_kl(source, source_inner, target, wrappers, ports: list[tuple[Ported
                 batches: list[PairBatch], vocab: SharedVocab, cfg: LoopConfig):
     """Yields a function that returns the mean KL to the teacher over `batches` with the heads as they
     are now. The teacher runs once per batch here; each call runs only the target."""
-    cfg = replace(cfg, beta=0.0, checkpointing=False)  # the KL alone; no backward, so no checkpointing
+    cfg = replace(cfg, beta=0.0, unaligned_weight=0.0, checkpointing=False)  # the KL alone; no backward, so no checkpointing
     device = next(target.parameters()).device
     with torch.no_grad(), step_setup(source_inner, target, vocab, [], cfg) as cols:
         with autocast(device, cfg.amp):
@@ -234,7 +281,8 @@ def save_checkpoint(folder: Path, ports: list[tuple[PortedKernel, Site]], opt, s
         save_file(tensors or {"_empty": torch.zeros(1)}, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({
             "step": state.step, "history": state.history, "tokens_seen": state.tokens_seen,
-            "seconds": state.seconds, "param_groups": opt_state["param_groups"], "scalars": scalars}))
+            "seconds": state.seconds, "lr_scale": state.lr_scale, "kl_mean": state.kl_mean, "kl_low": state.kl_low,
+            "param_groups": opt_state["param_groups"], "scalars": scalars}))
     except Exception as e:
         if not is_disk_full(e):
             raise
@@ -267,7 +315,8 @@ def load_checkpoint(folder: Path, ports: list[tuple[PortedKernel, Site]], opt) -
         idx, name = k.split(".", 1)
         state.setdefault(int(idx), {})[name] = v
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return LoopState(meta["step"], meta["history"], meta["tokens_seen"], meta["seconds"])
+    return LoopState(meta["step"], meta["history"], meta["tokens_seen"], meta["seconds"], meta.get("lr_scale", 1.0),
+                     meta.get("kl_mean"), meta.get("kl_low"))
 
 
 def fit_heads(source, source_inner, target, wrappers: list[CastLinear], ports: list[tuple[PortedKernel, Site]],
@@ -307,17 +356,18 @@ def _fit_heads(source, source_inner, target, wrappers, ports, make_batch, cfg, w
             while state.step < cfg.steps:
                 t0 = time.perf_counter()
                 batch = make_batch(state.step).to(device)
-                loss, kl, mse = cast_loss(source, source_inner, target, wrappers, ports, batch, cols, cfg,
-                                          cache, state.step)
-                for name, v in (("kl", kl), ("mse", mse)):
+                loss, kl, mse, anchor = cast_loss(source, source_inner, target, wrappers, ports, batch, cols, cfg,
+                                                  cache, state.step)
+                for name, v in (("kl", kl), ("mse", mse), ("anchor", anchor)):
                     if not torch.isfinite(v):
                         where = (f"The last good checkpoint is in {ckpt}: rerun with --resume to continue from it "
                                  "(perhaps with a lower --lr)" if ckpt and ckpt.exists() else
                                  "No checkpoint was saved before it: rerun, perhaps with a lower --lr")
                         raise TrainingDiverged(f"the {name} loss became {v.item()} at step {state.step}; the heads "
                                                f"were not updated. {where}")
+                watch = back_off(state, kl.item(), cfg)
                 for g in opt.param_groups:
-                    g["lr"] = lr_at(state.step, cfg)
+                    g["lr"] = lr_at(state.step, cfg) * watch[2]
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 updating = True  # from here until the state says step+1, a checkpoint would be torn
@@ -327,12 +377,16 @@ def _fit_heads(source, source_inner, target, wrappers, ports, make_batch, cfg, w
                 scaler.update()
                 dt = time.perf_counter() - t0
                 n_tok = int(batch.mask_t.sum())
+                backed_off = watch[2] < state.lr_scale
                 state.step += 1
+                state.kl_mean, state.kl_low, state.lr_scale = watch
                 state.tokens_seen += n_tok
                 state.seconds += dt
                 updating = False
                 rec = {"step": state.step, "loss": round(loss.item(), 6), "kl": round(kl.item(), 6),
-                       "mse": round(mse.item(), 6), "lr": lr_at(state.step - 1, cfg),
+                       "mse": round(mse.item(), 6), "lr": lr_at(state.step - 1, cfg) * state.lr_scale,
+                       **({"backed_off": True} if backed_off else {}),
+                       **({"anchor": round(anchor.item(), 6)} if cfg.unaligned_weight > 0 else {}),
                        "aligned": batch.num_aligned, "tok_s": round(n_tok / dt, 1)}
                 state.history.append(rec)
                 bar.update(1)

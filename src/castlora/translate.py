@@ -86,6 +86,10 @@ def check_inputs(cfg: TranslateConfig) -> None:
     if not (math.isfinite(cfg.lora_weight) and cfg.lora_weight >= 0):
         raise CastloraError(f"--lora-weight must be a finite number >= 0 (1 = the LoRA's whole effect, 0 = none), "
                             f"not {cfg.lora_weight}")
+    if not (math.isfinite(cfg.backoff) and cfg.backoff >= 0):
+        raise CastloraError(f"--backoff must be a finite number >= 0 (0 = off), not {cfg.backoff}")
+    if not (math.isfinite(cfg.unaligned_weight) and cfg.unaligned_weight >= 0):
+        raise CastloraError(f"--unaligned-weight must be a finite number >= 0 (0 = no anchor), not {cfg.unaligned_weight}")
 
 
 def _device_map(spec: str, which: str):
@@ -311,6 +315,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
                               temperature=cfg.temperature, teacher=teacher, delta_weight=cfg.delta_weight,
                               lora_weight=cfg.lora_weight, teacher_lora=cfg.teacher_lora,
                               other_bucket=cfg.other_bucket, balanced_kernels=cfg.balanced_kernels,
+                              unaligned_weight=cfg.unaligned_weight, backoff=cfg.backoff,
                               position_weight=cfg.position_weight,
                               warmup=min(20, max(1, cfg.steps // 10)), checkpoint_every=cfg.checkpoint_every,
                               amp=amp, checkpointing=cfg.gradient_checkpointing)
