@@ -331,10 +331,10 @@ def test_cross_validated_ridge_error_matches_a_direct_held_out_evaluation():
 # ---------------------------------------------------------------- the lr back-off
 
 
-def _watch(kls, backoff, warmup=3):
+def _watch(kls, backoff):
     from castlora.train import LoopConfig, LoopState, back_off
 
-    cfg, state, offs = LoopConfig(steps=len(kls), warmup=warmup, backoff=backoff), LoopState(), []
+    cfg, state, offs = LoopConfig(steps=len(kls), backoff=backoff), LoopState(), []
     for kl in kls:
         mean, low, scale = back_off(state, kl, cfg)
         if scale < state.lr_scale:
@@ -353,5 +353,5 @@ def test_back_off_halves_the_lr_when_the_kl_climbs_and_not_on_noise():
     # within three steps of the climb, then again while it goes on; each halves the lr
     assert offs and len(falling) <= offs[0] <= len(falling) + 2 and scale == 0.5 ** len(offs)
     assert _watch(climbing, 0.0) == ([], 1.0)  # off
-    # during warmup the mean only sets the reference, however it moves
-    assert _watch([1.0, 5.0, 9.0], 0.25, warmup=3) == ([], 1.0)
+    # from the first step: a climb during warmup counts too
+    assert _watch([1.0, 5.0, 9.0], 0.25)[0] == [1, 2]

@@ -602,13 +602,13 @@ def test_nonfinite_loss_stops_and_resume_continues(env, uninterrupted, tmp_path,
     calls = {"n": 0}
 
     def poisoned(*a, **k):
-        loss, kl, mse = real(*a, **k)
+        loss, kl, mse, anchor = real(*a, **k)
         if k.get("teacher_out") is not None:  # the start-scale search on the calibration batches, not a step
-            return loss, kl, mse
+            return loss, kl, mse, anchor
         calls["n"] += 1
         if calls["n"] == bad_step + 1:
             kl, mse = (kl * value, mse) if part == "kl" else (kl, mse * value)
-        return loss, kl, mse
+        return loss, kl, mse, anchor
 
     out = tmp_path / "out"
     monkeypatch.setattr(train_mod, "cast_loss", poisoned)

@@ -60,7 +60,7 @@ class TranslateConfig:
                                     "Computes every output column (slower). On shakespeare validation text (blend, "
                                     "neox->llama) 0.606 of the gap, as without it (docs/results.md, session 10)")
     backoff: float = opt(0.0, "halve the lr for the rest of the run whenever the training KL's running mean (about "
-                              "the last 10 steps) climbs this fraction above its lowest value after warmup: the lr "
+                              "the last 10 steps) climbs this fraction above its lowest value: the lr "
                               "that suits one LoRA diverges on another. 0 = off")
     unaligned_weight: float = opt(0.0, "weight of KL(target base || student) at the target positions that align "
                                        "with no source position (inside a word the target splits and the source "

@@ -79,15 +79,14 @@ BACKOFF_MEAN = 0.9  # the running mean's decay: about the last 10 steps
 
 def back_off(state: LoopState, kl: float, cfg: LoopConfig) -> tuple[float, float, float]:
     """The watch on the KL after a step with KL `kl`: (running mean, its lowest value since the last
-    back-off, lr scale). After warmup, when the running mean climbs `cfg.backoff` above its lowest
+    back-off, lr scale). From the first step (greet's KL climbed during warmup, before it blew up
+    at step 14), when the running mean climbs `cfg.backoff` above its lowest
     value, the lr is halved for the rest of the run and the watch starts again. Why: the lr that
     suits one LoRA diverges on another (shakespeare's 3e-2 threw greet's KL from 3.6 to 6-35 within
     35 steps, docs/results.md), and a mean that climbs over ten steps is no batch's noise. Pure: the
     loop stores the result with the step, so a resumed run watches exactly as an uninterrupted one."""
     mean = kl if state.kl_mean is None else BACKOFF_MEAN * state.kl_mean + (1 - BACKOFF_MEAN) * kl
-    if state.step < cfg.warmup or state.kl_low is None:  # no reference while the lr still rises
-        return mean, mean, state.lr_scale
-    low = min(state.kl_low, mean)
+    low = mean if state.kl_low is None else min(state.kl_low, mean)
     if cfg.backoff > 0 and mean > (1 + cfg.backoff) * low:
         return mean, mean, state.lr_scale / 2
     return mean, low, state.lr_scale
