@@ -513,23 +513,28 @@ def test_resume_after_interrupt_matches_uninterrupted(folders, uninterrupted, tm
     assert [r["kl"] for r in resumed.record["loss_curve"]] == [r["kl"] for r in full.record["loss_curve"]]
 
 
-def test_balanced_kernels_resume_matches_uninterrupted(folders, tmp_path, monkeypatch):
-    full = tmp_path / "full"
-    _run(folders, full, balanced_kernels=True, **RESUME)
+def _crash_at_step_4(folders, out, monkeypatch, **kw) -> None:
+    """Run with RESUME's settings and crash at the batch of step 4 (after the step-3 checkpoint)."""
     calls = {"n": 0}
     real = translate_mod.encode_pair
 
     def flaky(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 1 + 5:
+        if calls["n"] == 1 + 5:  # 1 calibration batch, then steps 0..3
             raise SimulatedCrash("simulated")
         return real(*a, **k)
 
-    out = tmp_path / "resumed"
     monkeypatch.setattr(translate_mod, "encode_pair", flaky)
     with pytest.raises(SimulatedCrash):
-        _run(folders, out, balanced_kernels=True, **RESUME)
+        _run(folders, out, **kw, **RESUME)
     monkeypatch.setattr(translate_mod, "encode_pair", real)
+
+
+def test_balanced_kernels_resume_matches_uninterrupted(folders, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    _run(folders, full, balanced_kernels=True, **RESUME)
+    out = tmp_path / "resumed"
+    _crash_at_step_4(folders, out, monkeypatch, balanced_kernels=True)
     _run(folders, out, resume=True, balanced_kernels=True, **RESUME)
     a, b = load_file(str(full / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
@@ -740,20 +745,8 @@ def test_resume_restores_a_searched_output_ridge(folders, tmp_path, monkeypatch)
     full = _run(folders, full_out, init="scaled-ridge", **RESUME)
     assert full.record["init"]["candidate"] == "0.1"
 
-    calls = {"n": 0}
-    real = translate_mod.encode_pair
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 1 + 5:
-            raise SimulatedCrash("simulated")
-        return real(*a, **k)
-
     out = tmp_path / "resumed"
-    monkeypatch.setattr(translate_mod, "encode_pair", flaky)
-    with pytest.raises(SimulatedCrash):
-        _run(folders, out, init="scaled-ridge", **RESUME)
-    monkeypatch.setattr(translate_mod, "encode_pair", real)
+    _crash_at_step_4(folders, out, monkeypatch, init="scaled-ridge")
 
     def searched_again(*a, **k):
         raise AssertionError("a resumed run reuses the start chosen before the interrupt")
