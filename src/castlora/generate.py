@@ -51,6 +51,8 @@ def lora_effect_prompts(model, tokenizer, texts: list[str], n: int, window: int 
     largest per-position KL(source+LoRA || source) (past its first `skip` tokens, where there is
     too little context to mean anything), and a prompt is its window cut right after that position:
     sampling then continues exactly where the LoRA acts. No task data: the windows are general text.
+    Measured on the zoo LoRAs, the strongest positions are line ends and format breaks, not the
+    task's prompts, and ports trained on the samples scored lower (docs/results.md, session 11).
     `model` is the source as a peft model with the LoRA. Returns (prompts, their effects), strongest first."""
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "right"

@@ -42,8 +42,8 @@ from .train import LoopConfig, fit_heads, held_out_kl
 
 MIN_ALIGNED_FRACTION = 0.2
 # --generate-from lora-effect scores MINE_POOL candidate windows of MINE_WINDOW source tokens per text to
-# generate (two source passes over each) and keeps the strongest: a trigger as rare as one in 10,000
-# tokens of general text still gives a few dozen prompts
+# generate (two source passes over each) and keeps the strongest: for 400 texts, 205,000 tokens, where a
+# trigger as rare as one in 10,000 tokens of general text still turns up about twenty times
 MINE_WINDOW, MINE_POOL = 64, 8
 
 
