@@ -307,6 +307,9 @@ def test_balanced_kernels_start_from_the_same_delta_and_export_the_original_core
     assert cores and hp.keys() == hb.keys()
     for k in cores:  # saved (and exported) in the kernel's own coordinates
         torch.testing.assert_close(hp[k], hb[k])
+    with pytest.raises(CastloraError, match="linear heads"):
+        _run(folders, tmp_path / "mlp", steps=1, head="mlp", balanced_kernels=True)
+    assert not (tmp_path / "mlp").exists()
     assert kb[-1] != pytest.approx(kp[-1], rel=1e-3), (kp, kb)  # other steps from there
 
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .capture import capture
 from .checkpointing import checkpointed_blocks
-from .cast_module import CastLinear, PortedKernel, balanced_kernels, deltas_off
+from .cast_module import CastLinear, PortedKernel, deltas_off
 from .closed_form import gather_aligned
 from .errors import CastloraError, TrainingDiverged
 from .families import Site
@@ -53,7 +53,6 @@ class LoopConfig:
     teacher_lora: bool = True  # False: the teacher's source side without the LoRA (the imitation control)
     unaligned_weight: float = 0.0  # KL(target base || student) at the unaligned target positions (cast_loss)
     backoff: float = 0.0  # halve the lr when the KL's running mean climbs this fraction above its lowest (0 = off)
-    balanced_kernels: bool = False  # train the output heads with every kernel direction at one gain (cast_module)
     position_weight: str = "uniform"  # "lora-effect": weight each position's KL by KL(S+LoRA || S) there
     warmup: int = 20
     grad_clip: float = 1.0
@@ -327,13 +326,6 @@ def fit_heads(source, source_inner, target, wrappers: list[CastLinear], ports: l
         raise ValueError(f"unknown teacher {cfg.teacher!r}; choose one of {TEACHERS}")
     if cfg.position_weight not in POSITION_WEIGHTS:
         raise ValueError(f"unknown position weight {cfg.position_weight!r}; choose one of {POSITION_WEIGHTS}")
-    with balanced_kernels(ports) if cfg.balanced_kernels else contextlib.nullcontext():
-        return _fit_heads(source, source_inner, target, wrappers, ports, make_batch, cfg, workdir, resume, log,
-                          progress, target_blocks, cache, vocab)
-
-
-def _fit_heads(source, source_inner, target, wrappers, ports, make_batch, cfg, workdir, resume, log, progress,
-               target_blocks, cache, vocab) -> LoopState:
     params = [p for port, _ in ports for p in port.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     ckpt = workdir / "checkpoint" if workdir else None

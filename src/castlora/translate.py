@@ -6,6 +6,7 @@ check inputs -> load models -> kernels -> corpus (+ generated text) -> site map 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .baselines.weight_space import weight_space_factors
 from .adapters import PICKLE_NAMES, SAFETENSORS_NAME, load_adapter, read_adapter_folder
-from .cast_module import PortedKernel, attached
+from .cast_module import PortedKernel, attached, balanced_kernels
 from .closed_form import accumulate_fits, apply_fits, gather_aligned, output_head_weights, random_init, \
     zero_output_heads
 from .capture import capture
@@ -88,6 +89,8 @@ def check_inputs(cfg: TranslateConfig) -> None:
                             f"not {cfg.lora_weight}")
     if not (math.isfinite(cfg.backoff) and cfg.backoff >= 0):
         raise CastloraError(f"--backoff must be a finite number >= 0 (0 = off), not {cfg.backoff}")
+    if cfg.balanced_kernels and cfg.head != "linear":
+        raise CastloraError(f"--balanced-kernels needs linear heads; drop it or use --head linear (not {cfg.head})")
     if not (math.isfinite(cfg.unaligned_weight) and cfg.unaligned_weight >= 0):
         raise CastloraError(f"--unaligned-weight must be a finite number >= 0 (0 = no anchor), not {cfg.unaligned_weight}")
 
@@ -314,7 +317,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
             loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, alpha=cfg.alpha, beta=cfg.beta,
                               temperature=cfg.temperature, teacher=teacher, delta_weight=cfg.delta_weight,
                               lora_weight=cfg.lora_weight, teacher_lora=cfg.teacher_lora,
-                              other_bucket=cfg.other_bucket, balanced_kernels=cfg.balanced_kernels,
+                              other_bucket=cfg.other_bucket,
                               unaligned_weight=cfg.unaligned_weight, backoff=cfg.backoff,
                               position_weight=cfg.position_weight,
                               warmup=min(20, max(1, cfg.steps // 10)), checkpoint_every=cfg.checkpoint_every,
@@ -362,7 +365,10 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
                     "vocab": text_digest([str(vocab.ids_s.tolist()), str(vocab.ids_t.tolist())]),
                     "kernels": [p.source_module for p, _ in ports] if cfg.beta > 0 else None}, cfg.teacher_top_k)
             workdir.mkdir(parents=True, exist_ok=True)
-            with log_file.open("a") as lf:
+            # --balanced-kernels: the heads train (and checkpoint) in balanced coordinates and come back
+            # to the kernel's own before they are judged and exported
+            balance = balanced_kernels(ports) if cfg.balanced_kernels else contextlib.nullcontext()
+            with log_file.open("a") as lf, balance:
                 state = fit_heads(source, source_inner, tgt, wrappers, ports, make_batch, vocab, loop, workdir,
                                   cfg.resume, log=lambda r: (lf.write(json.dumps(r) + "\n"), lf.flush()),
                                   progress=cfg.progress, target_blocks=t_sites.layer_paths, cache=cache)
