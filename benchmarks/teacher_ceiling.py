@@ -24,7 +24,7 @@ import torch
 from lever_folder import aligned_log_probs, lever_folder, validation_batches, with_adapter
 
 W = (0.0, 0.25, 0.5, 0.75, 1.0)
-A = (0.5, 0.75, 1.0, 1.25, 1.5)
+A = (0.0, 0.5, 0.75, 1.0, 1.25, 1.5)  # a = 0: the LoRA off, the imitation control's teacher
 
 lf = lever_folder()
 task, src, tgt, vocab = lf.task, lf.src, lf.tgt, lf.vocab

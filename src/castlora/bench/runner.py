@@ -51,6 +51,11 @@ METHODS: dict[str, dict] = {
     # the nearest source layer's kernels), and its control
     "cast_auto_gen_cover": {"teacher": "auto", "generate": -1, "cover_layers": True},
     "imitation_auto_gen_cover": {"teacher": "auto", "teacher_lora": False, "generate": -1, "cover_layers": True},
+    # the default at the context the scores are read at (256 source tokens, as `castlora translate` trains by
+    # default; the bench's 128 is for the LoRAs' CPU time), batch 4 so the tokens per step stay; its control
+    "cast_auto_gen_s256": {"teacher": "auto", "generate": -1, "seq_len": 256, "batch_size": 4},
+    "imitation_auto_gen_s256": {"teacher": "auto", "teacher_lora": False, "generate": -1, "seq_len": 256,
+                                "batch_size": 4},
     # The exact-match recipe chosen on validation examples (benchmarks/levers.py, docs/results.md):
     # start at the target base (zero output heads) and train faster; its imitation control beside it.
     "cast_delta_gen_zd": {"teacher": "delta", "generate": -1, "init": "zero-delta", "lr": 1e-2},
