@@ -125,7 +125,8 @@ RUNS = {
     "m30b": dict(pairs=["mistral->llama"], tasks=["shakespeare"], methods=["imitation_auto_gen_cover"],
                  cast_steps=150, generate=400),
     # session 12: the default trained at the scoring context (256 source tokens, batch 4: the same tokens per
-    # step), shakespeare neox->llama (auto: the blend), and its control; the LoRAs of m23a
+    # step), shakespeare neox->llama (auto: the blend), and its control; the LoRAs copied from runs/lev_nl/loras
+    # (levers.py trains them with the bench's recipe and seed: the same test scores as m23a's)
     "m31a": dict(pairs=["neox->llama"], tasks=["shakespeare"], methods=["cast_auto_gen_s256"], cast_steps=150,
                  generate=400),
     "m31b": dict(pairs=["neox->llama"], tasks=["shakespeare"], methods=["imitation_auto_gen_s256"], cast_steps=150,
