@@ -8,18 +8,12 @@ without it.
 import json
 import sys
 
-from castlora.train import LoopConfig, LoopState, back_off
+from castlora.train import replay_back_off
 
 print("| port | backoff | backs off at step |")
 print("|---|---:|---|")
 for path in sys.argv[1:]:
     curve = [r["kl"] for r in json.load(open(path))["loss_curve"]]
     for backoff in (0.1, 0.15, 0.25):
-        cfg, state, steps = LoopConfig(steps=len(curve), backoff=backoff), LoopState(), []
-        for kl in curve:
-            mean, low, scale = back_off(state, kl, cfg)
-            if scale < state.lr_scale:
-                steps.append(state.step)
-            state.step += 1
-            state.kl_mean, state.kl_low, state.lr_scale = mean, low, scale
+        steps, _ = replay_back_off(curve, backoff)
         print(f"| {path} | {backoff} | {steps or 'never'} |")

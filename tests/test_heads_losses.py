@@ -331,20 +331,9 @@ def test_cross_validated_ridge_error_matches_a_direct_held_out_evaluation():
 # ---------------------------------------------------------------- the lr back-off
 
 
-def _watch(kls, backoff):
-    from castlora.train import LoopConfig, LoopState, back_off
-
-    cfg, state, offs = LoopConfig(steps=len(kls), backoff=backoff), LoopState(), []
-    for kl in kls:
-        mean, low, scale = back_off(state, kl, cfg)
-        if scale < state.lr_scale:
-            offs.append(state.step)
-        state.step += 1
-        state.kl_mean, state.kl_low, state.lr_scale = mean, low, scale
-    return offs, state.lr_scale
-
-
 def test_back_off_halves_the_lr_when_the_kl_climbs_and_not_on_noise():
+    from castlora.train import replay_back_off as _watch
+
     falling = [3.0, 2.5, 2.0, 1.8, 1.6, 1.5, 1.4, 1.3, 1.25, 1.2]
     noisy = [x * (1.15 if i % 2 else 0.85) for i, x in enumerate(falling * 3)]  # +-15% batch to batch
     assert _watch(noisy, 0.25) == ([], 1.0)

@@ -91,6 +91,19 @@ def back_off(state: LoopState, kl: float, cfg: LoopConfig) -> tuple[float, float
     return mean, low, state.lr_scale
 
 
+def replay_back_off(kls: list[float], backoff: float) -> tuple[list[int], float]:
+    """The watch of `back_off` replayed over a recorded KL curve, as fit_heads would run it: (the
+    steps it backs off at, the final lr scale). For recorded runs (benchmarks/backoff_replay.py)."""
+    cfg, state, steps = LoopConfig(steps=len(kls), backoff=backoff), LoopState(), []
+    for kl in kls:
+        mean, low, scale = back_off(state, kl, cfg)
+        if scale < state.lr_scale:
+            steps.append(state.step)
+        state.step += 1
+        state.kl_mean, state.kl_low, state.lr_scale = mean, low, scale
+    return steps, state.lr_scale
+
+
 def lr_at(step: int, cfg: LoopConfig) -> float:
     """Linear warmup, then cosine decay to 10% (a function of the step: nothing to checkpoint)."""
     if step < cfg.warmup:
