@@ -125,6 +125,39 @@ def test_ported_kernel_identity_reproduces_source_delta():
     torch.testing.assert_close(port(x), x @ k.delta_weight().t(), rtol=1e-4, atol=1e-4)
 
 
+def test_extra_rank_starts_at_the_same_delta_trains_and_exports_exactly():
+    """--extra-rank: the free directions change nothing at the start (written side zero), read the
+    target at the input head's scale, get gradients, and fold into a rank r + k LoRA that is the
+    port's delta exactly."""
+    from castlora.adapters import LoraKernel
+    from castlora.export import port_factors
+    from castlora.families import Site
+
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(4, 12, generator=g), torch.randn(10, 4, generator=g)
+    site = Site(0, "q", "m.q", 12, 10, 10, None, False)
+    plain = PortedKernel(LoraKernel(0, "q", "m.q", A, B, 0.5), site)
+    port = PortedKernel(LoraKernel(0, "q", "m.q", A, B, 0.5), site, extra_rank=3)
+    plain.set_identity()
+    port.set_identity()
+    port.init_extra(torch.Generator().manual_seed(1))
+    x = torch.randn(5, 12, generator=g)
+    torch.testing.assert_close(port(x), plain(x))
+    rows = port.x_in.weight.detach()
+    gram = rows @ rows.t()
+    torch.testing.assert_close(gram / gram[0, 0], torch.eye(3), rtol=0, atol=1e-5)  # orthogonal, one length
+    assert abs(rows.norm(dim=1).mean() - port.p_in.weight.norm(dim=1).mean()) < 1e-4
+
+    port(x).pow(2).sum().backward()
+    assert port.x_out.weight.grad.abs().sum() > 0  # they train from the start, as a LoRA's B does
+    with torch.no_grad():
+        port.x_out.weight.copy_(torch.randn(10, 3, generator=g))
+    A_t, B_t, err = port_factors(port)
+    assert A_t.shape == (7, 12) and B_t.shape == (10, 7) and err == 0.0
+    torch.testing.assert_close(x @ A_t.t() @ B_t.t(), port(x).detach(), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(port(x), plain(x))
+
+
 def test_balanced_kernels_keep_the_delta_equalise_the_gains_and_restore_on_exit():
     from castlora.adapters import LoraKernel
     from castlora.cast_module import balanced_kernels

@@ -313,6 +313,25 @@ def test_balanced_kernels_start_from_the_same_delta_and_export_the_original_core
     assert kb[-1] != pytest.approx(kp[-1], rel=1e-3), (kp, kb)  # other steps from there
 
 
+def test_extra_rank_starts_from_the_same_delta_and_exports_rank_r_plus_k(folders, tmp_path):
+    plain = _run(folders, tmp_path / "plain", steps=3, lr=0.3)
+    wide = _run(folders, tmp_path / "wide", steps=3, lr=0.3, extra_rank=4)
+    kp, kw = [r["kl"] for r in plain.record["loss_curve"]], [r["kl"] for r in wide.record["loss_curve"]]
+    assert kw[0] == pytest.approx(kp[0], rel=1e-4)  # the free directions start with B = 0
+    assert kw[-1] != pytest.approx(kp[-1], rel=1e-4), (kp, kw)  # and then train
+    assert wide.record["init"]["extra_rank"] == 4
+    rank = {name: json.loads((tmp_path / name / "adapter_config.json").read_text())["r"] for name in ("plain", "wide")}
+    assert rank["wide"] == rank["plain"] + 2 * 4  # q and v of one source layer share neox's query_key_value
+    loaded = PeftModel.from_pretrained(load_model(str(folders["neox"])), str(tmp_path / "wide"))
+    _assert_keys_match_file(loaded, tmp_path / "wide")
+    cast0 = _run(folders, tmp_path / "cast0", steps=0, extra_rank=4)  # nothing to train them: not exported
+    assert json.loads((tmp_path / "cast0" / "adapter_config.json").read_text())["r"] == rank["plain"]
+    assert "extra_rank" not in cast0.record["init"]
+    with pytest.raises(CastloraError, match="extra-rank"):
+        _run(folders, tmp_path / "neg", steps=1, extra_rank=-1)
+    assert not (tmp_path / "neg").exists()
+
+
 def test_lora_effect_prompts_end_where_the_lora_acts_most(folders):
     from castlora.generate import lora_effect_prompts
     from castlora.losses import lora_effect

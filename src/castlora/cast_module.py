@@ -36,7 +36,7 @@ class PortedKernel(nn.Module):
     The heads replace Vh (P_in: d_in_T -> r) and Uk (P_out: r -> d_out_T).
     """
 
-    def __init__(self, kernel: LoraKernel, target: Site, head: str = "linear"):
+    def __init__(self, kernel: LoraKernel, target: Site, head: str = "linear", extra_rank: int = 0):
         super().__init__()
         A, B = kernel.A.double(), kernel.B.double()
         U, S, Vh = torch.linalg.svd(A, full_matrices=False)
@@ -51,6 +51,15 @@ class PortedKernel(nn.Module):
         self.source_module = kernel.module_path
         self.p_in = make_head(head, target.d_in, self.rank)
         self.p_out = make_head(head, self.rank, target.d_out)
+        # --extra-rank: k free directions beside the kernel's r, a fresh rank-k LoRA on the target
+        # site that the KL trains with the heads (the kernel's r directions fix how far a rank-r
+        # port can follow its teacher). They pass with the kernel's mean gain, so a step on their
+        # written side moves the delta as far as one on P_out's; init_extra sets their read side.
+        self.extra_rank = int(extra_rank)
+        if self.extra_rank:
+            self.x_in = LinearHead(target.d_in, self.extra_rank)
+            self.x_out = LinearHead(self.extra_rank, target.d_out)
+            self.register_buffer("extra_gain", Sk.mean().float().reshape(()))
         self.record = False
         self.last_z: torch.Tensor | None = None
 
@@ -58,7 +67,27 @@ class PortedKernel(nn.Module):
         z = self.p_in(x)
         if self.record:  # kept for the MSE term, which compares z with in_basis^T x_S
             self.last_z = z
-        return self.scale * self.p_out(z @ self.core.t().to(z.dtype))
+        y = self.p_out(z @ self.core.t().to(z.dtype))
+        if self.extra_rank:
+            y = y + self.x_out(self.x_in(x) * self.extra_gain.to(x.dtype))
+        return self.scale * y
+
+    @torch.no_grad()
+    def init_extra(self, generator: torch.Generator) -> None:
+        """The extra directions' start, as a LoRA's (B = 0: the delta does not move): written side
+        zero, read side random orthonormal rows as long as the input head's mean row, so they read
+        the target's activations at the scale the kernel's own directions do."""
+        if not self.extra_rank:
+            return
+        w = self.x_in.weight
+        rows = torch.randn(w.shape, generator=generator, dtype=torch.float64)
+        if rows.shape[0] <= rows.shape[1]:
+            rows = torch.linalg.qr(rows.t())[0].t()
+        else:
+            rows = rows / rows.norm(dim=1, keepdim=True)
+        norm = float(self.p_in.linear_part().norm(dim=1).mean())
+        w.copy_((rows * (norm if norm > 0 else 1.0)).to(w))
+        self.x_out.weight.zero_()
 
     def source_delta(self, x_s: torch.Tensor) -> torch.Tensor:
         """What the source LoRA adds at the source site (for tests and CAST-0)."""

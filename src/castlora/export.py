@@ -1,7 +1,8 @@
 """Fold the heads into a plain LoRA on the target and write it through peft's own API.
 
 With linear heads the ported delta at a site is exactly rank r:
-    s * P_out (core (P_in x))  =  B_T A_T x   with  A_T = core @ P_in,  B_T = s * P_out.
+    s * P_out (core (P_in x))  =  B_T A_T x   with  A_T = core @ P_in,  B_T = s * P_out,
+and rank r + k with --extra-rank k (the free directions' rows below A_T, their columns beside B_T).
 Several kernels can land on one target module (a fused module hosting q and v, or two source
 layers mapped to one target layer): their A_T are stacked and their B_T placed side by side in
 the rows of their roles, so the module's LoRA rank is the sum of theirs. Every module is padded
@@ -27,12 +28,15 @@ def port_factors(port: PortedKernel, site_inputs: torch.Tensor | None = None) ->
         if isinstance(port.p_in, LinearHead) and isinstance(port.p_out, LinearHead):
             A = port.core @ port.p_in.weight
             B = port.scale * port.p_out.weight
+            if port.extra_rank:  # the free directions are r more rows of A and columns of B
+                A = torch.cat([A, port.extra_gain * port.x_in.weight])
+                B = torch.cat([B, port.scale * port.x_out.weight], 1)
             return A.float().cpu(), B.float().cpu(), 0.0
         if site_inputs is None:
             raise ValueError("non-linear heads need target activations to be exported (site_inputs)")
         X = site_inputs.float()
         D = port(X.to(port.core.device)).float().cpu()
-        A, B, err = reduced_rank_fit(X.cpu(), D, port.rank)
+        A, B, err = reduced_rank_fit(X.cpu(), D, port.rank + port.extra_rank)
         return A, B, err
 
 

@@ -93,6 +93,9 @@ def check_inputs(cfg: TranslateConfig) -> None:
         raise CastloraError(f"--balanced-kernels needs linear heads; drop it or use --head linear (not {cfg.head})")
     if not (math.isfinite(cfg.unaligned_weight) and cfg.unaligned_weight >= 0):
         raise CastloraError(f"--unaligned-weight must be a finite number >= 0 (0 = no anchor), not {cfg.unaligned_weight}")
+    if cfg.extra_rank < 0:
+        raise CastloraError(f"--extra-rank must be an integer >= 0 (0 = the kernel's own r directions only), "
+                            f"not {cfg.extra_rank}")
 
 
 def _device_map(spec: str, which: str):
@@ -274,7 +277,9 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
         raise CastloraError("no adapter site could be ported to the target")
     for d in dropped:
         log(f"dropped {d['source']} ({d['source_module']}): {d['reason']}")
-    ports = [(PortedKernel(p.kernel, p.target, cfg.head).to(cfg.device), p.target) for p in pairs]
+    # Free directions only train: CAST-0 and the weight-space baseline would export them as zeros.
+    extra_rank = cfg.extra_rank if cfg.steps > 0 and cfg.transfer == "cast" else 0
+    ports = [(PortedKernel(p.kernel, p.target, cfg.head, extra_rank).to(cfg.device), p.target) for p in pairs]
 
     if cfg.init == "auto":  # CAST-0 stays the closed form; a trained run starts at the best-fitting scale of it
         cfg.init = "closed-form" if cfg.steps == 0 else "scaled"
@@ -297,6 +302,11 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
     else:
         random_init(ports, cfg.seed)
         init_info = {"random_seed": cfg.seed}
+    if extra_rank:
+        g = torch.Generator().manual_seed(cfg.seed)
+        for port, _ in ports:
+            port.init_extra(g)
+        init_info["extra_rank"] = extra_rank
 
     log(f"porting {len(ports)} kernels onto {len({s.path for _, s in ports})} target modules; "
         f"{sum(p.numel() for port, _ in ports for p in port.parameters())} head parameters")
