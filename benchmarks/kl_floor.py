@@ -25,9 +25,19 @@ import sys
 from pathlib import Path
 
 
+# The calibration texts are the general chunks after the training stream's, so they are the same
+# texts only when these options are: otherwise a port and a control are read on different text.
+SAME_TEXT = ("corpus", "steps", "batch_size", "seq_len", "calib_batches", "generate", "mix", "seed",
+             "generate_from")
+
+
+def record(folder: Path) -> dict:
+    return json.loads((folder / "castlora.json").read_text())
+
+
 def held_out(folder: Path) -> tuple[float, float, float]:
     """(held-out KL at the start, at the end, mean training KL of the last 20 steps)."""
-    rec = json.loads((folder / "castlora.json").read_text())
+    rec = record(folder)
     kl = rec.get("held_out_kl")
     if not kl:
         raise SystemExit(f"{folder}: no held_out_kl in castlora.json (a CAST-0 or weight-space port has none)")
@@ -44,6 +54,12 @@ def main(argv: list[str]) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for spec in argv[1:]:
         port, control = spec.split(":", 1)
+        differ = [k for k in SAME_TEXT
+                  if record(root / port)["config"].get(k) != record(root / control)["config"].get(k)]
+        if differ:
+            print(f"| {port} ({control}) | not comparable (other {', '.join(differ)}: other calibration "
+                  f"and training texts) |||||")
+            continue
         (s, e, t), (cs, ce, ct) = held_out(root / port), held_out(root / control)
         reducible = s - ce
         removed = (s - e) / reducible if reducible > 0 else float("nan")

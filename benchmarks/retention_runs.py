@@ -131,6 +131,12 @@ RUNS = {
                  generate=400),
     "m31b": dict(pairs=["neox->llama"], tasks=["shakespeare"], methods=["imitation_auto_gen_s256"], cast_steps=150,
                  generate=400),
+    # session 13: the default on a stream of generated text only (1,200 texts: every training text), shakespeare
+    # neox->llama (auto: the blend), and its control; the LoRAs copied from runs/lev_nl/loras as for m31
+    "m32a": dict(pairs=["neox->llama"], tasks=["shakespeare"], methods=["cast_auto_gen_all"], cast_steps=150,
+                 generate=1200),
+    "m32b": dict(pairs=["neox->llama"], tasks=["shakespeare"], methods=["imitation_auto_gen_all"], cast_steps=150,
+                 generate=1200),
 }
 
 name = sys.argv[1]

@@ -56,6 +56,10 @@ METHODS: dict[str, dict] = {
     "cast_auto_gen_s256": {"teacher": "auto", "generate": -1, "seq_len": 256, "batch_size": 4},
     "imitation_auto_gen_s256": {"teacher": "auto", "teacher_lora": False, "generate": -1, "seq_len": 256,
                                 "batch_size": 4},
+    # the default on a stream of generated text only (--mix 1; BenchConfig.generate caps the count), and its
+    # control on the same stream: the best lever of session 13 on validation text
+    "cast_auto_gen_all": {"teacher": "auto", "generate": -1, "mix": 1.0},
+    "imitation_auto_gen_all": {"teacher": "auto", "teacher_lora": False, "generate": -1, "mix": 1.0},
     # The exact-match recipe chosen on validation examples (benchmarks/levers.py, docs/results.md):
     # start at the target base (zero output heads) and train faster; its imitation control beside it.
     "cast_delta_gen_zd": {"teacher": "delta", "generate": -1, "init": "zero-delta", "lr": 1e-2},
