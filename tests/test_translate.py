@@ -360,10 +360,13 @@ def test_lora_effect_prompts_end_where_the_lora_acts_most(folders):
 
 
 def test_generate_from_lora_effect_trains_on_mined_prompts(folders, tmp_path):
-    res = _run(folders, tmp_path / "mined", steps=2, generate=4, mix=0.5, generate_from="lora-effect")
+    lines = []
+    res = _run(folders, tmp_path / "mined", steps=2, generate=4, mix=0.5, generate_from="lora-effect",
+               log=lambda *a, **k: lines.append(" ".join(map(str, a))))
     corpus = res.record
     n = corpus["generated_texts"]  # 1/2 of the 2 x 2 training texts
     assert n == 2 and corpus["mined_windows"] == translate_mod.MINE_POOL * n
+    assert any("--generate 4 is capped at 2 texts: --mix 0.5" in line for line in lines), lines  # said, not silent
     assert corpus["prompt_effect"]["max"] >= corpus["prompt_effect"]["min"] > 0
     with pytest.raises(CorpusError, match="no window"):
         castlora.translate(source=str(folders["llama"]), adapter=str(folders["zero"]), target=str(folders["neox"]),

@@ -136,6 +136,9 @@ def _training_texts(cfg, docs, tok_s, source, n_needed, log) -> tuple[list[str],
     share = int(round(n_needed * cfg.mix))
     count = share if cfg.generate < 0 else cfg.generate
     n_gen = min(count, share) if cfg.steps > 0 else 0  # CAST-0 trains nothing: no text to generate
+    if 0 < share < count and cfg.steps > 0:
+        log(f"--generate {count} is capped at {share} texts: --mix {cfg.mix:g} of the {n_needed} training texts "
+            f"(raise --mix to generate more)")
     info["general_needed"] = n_needed - n_gen
     general = make_chunks(docs, tok_s, cfg.seq_len, n_needed - n_gen + cfg.calib_batches * cfg.batch_size,
                           seed=cfg.seed)
