@@ -137,6 +137,16 @@ RUNS = {
                  generate=1200),
     "m32b": dict(pairs=["neox->llama"], tasks=["shakespeare"], methods=["imitation_auto_gen_all"], cast_steps=150,
                  generate=1200),
+    # the same on mistral->llama (auto: the blend; LoRAs from runs/lev_ml/loras) and llama->mistral (auto: the
+    # source; LoRAs from runs/lev_lm/loras)
+    "m32c": dict(pairs=["mistral->llama"], tasks=["shakespeare"], methods=["cast_auto_gen_all"], cast_steps=150,
+                 generate=1200),
+    "m32d": dict(pairs=["mistral->llama"], tasks=["shakespeare"], methods=["imitation_auto_gen_all"],
+                 cast_steps=150, generate=1200),
+    "m32e": dict(pairs=["llama->mistral"], tasks=["shakespeare"], methods=["cast_auto_gen_all"], cast_steps=150,
+                 generate=1200),
+    "m32f": dict(pairs=["llama->mistral"], tasks=["shakespeare"], methods=["imitation_auto_gen_all"],
+                 cast_steps=150, generate=1200),
 }
 
 name = sys.argv[1]
