@@ -52,9 +52,10 @@ class PortedKernel(nn.Module):
         self.p_in = make_head(head, target.d_in, self.rank)
         self.p_out = make_head(head, self.rank, target.d_out)
         # --extra-rank: k free directions beside the kernel's r, a fresh rank-k LoRA on the target
-        # site that the KL trains with the heads (the kernel's r directions fix how far a rank-r
-        # port can follow its teacher). They pass with the kernel's mean gain, so a step on their
-        # written side moves the delta as far as one on P_out's; init_extra sets their read side.
+        # site that the KL trains with the heads (does a rank-r port lack directions to follow its
+        # teacher? On the zoo, no: docs/results.md, session 13). They pass with the kernel's mean
+        # gain, so a step on their written side moves the delta as far as one on P_out's;
+        # init_extra sets their read side.
         self.extra_rank = int(extra_rank)
         if self.extra_rank:
             self.x_in = LinearHead(target.d_in, self.extra_rank)
