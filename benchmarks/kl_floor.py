@@ -31,13 +31,12 @@ SAME_TEXT = ("corpus", "steps", "batch_size", "seq_len", "calib_batches", "gener
              "generate_from")
 
 
-def record(folder: Path) -> dict:
+def read(folder: Path) -> dict:
     return json.loads((folder / "castlora.json").read_text())
 
 
-def held_out(folder: Path) -> tuple[float, float, float]:
-    """(held-out KL at the start, at the end, mean training KL of the last 20 steps)."""
-    rec = record(folder)
+def held_out(rec: dict, folder: Path) -> tuple[float, float, float]:
+    """(held-out KL at the start, at the end, mean training KL of the last 20 steps) of one record."""
     kl = rec.get("held_out_kl")
     if not kl:
         raise SystemExit(f"{folder}: no held_out_kl in castlora.json (a CAST-0 or weight-space port has none)")
@@ -54,13 +53,13 @@ def main(argv: list[str]) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for spec in argv[1:]:
         port, control = spec.split(":", 1)
-        differ = [k for k in SAME_TEXT
-                  if record(root / port)["config"].get(k) != record(root / control)["config"].get(k)]
+        rec_p, rec_c = read(root / port), read(root / control)
+        differ = [k for k in SAME_TEXT if rec_p["config"].get(k) != rec_c["config"].get(k)]
         if differ:
             print(f"| {port} ({control}) | not comparable (other {', '.join(differ)}: other calibration "
                   f"and training texts) |||||")
             continue
-        (s, e, t), (cs, ce, ct) = held_out(root / port), held_out(root / control)
+        (s, e, t), (cs, ce, ct) = held_out(rec_p, root / port), held_out(rec_c, root / control)
         reducible = s - ce
         removed = (s - e) / reducible if reducible > 0 else float("nan")
         print(f"| {port} ({control}) | {s:.3f} | {e:.3f} | {cs:.3f} / {ce:.3f} | {reducible:.3f} | "
