@@ -11,7 +11,8 @@ target with several CAST variants and prints each one's validation score and KL.
       'delta:teacher=delta' 'lr1e-2:lr=0.01'
 
 A variant is NAME:key=value,key=value (TranslateConfig fields); 8 x 128 batches and at most 400
-generated texts, as in the bench. LoRAs are trained with the bench's recipe unless DIR/loras holds them.
+generated texts at --mix 1/3, the stream of sessions 1-13, so that every command in docs/results.md
+reproduces; `generate=-1,mix=1` is the default since session 14 (every training text generated). LoRAs are trained with the bench's recipe unless DIR/loras holds them.
 
 `corpus=task` trains the heads on the task's own training text (the validation document left out) instead of general text: a diagnostic
 that CAST may not use (it sees no task data), which says how much of what a port misses is the corpus.
@@ -93,7 +94,7 @@ print(f"{task} {src}->{tgt}; source+LoRA {acc(src, src_lora)[0 if exact else 1]:
 print("| variant | options | val acc | val loss (gap recovered) | KL first -> last | train s |")
 for v in variants:
     name, _, spec = v.partition(":")
-    opts = {"steps": steps, "batch_size": 8, "seq_len": 128, "generate": 400, "seed": 0}
+    opts = {"steps": steps, "batch_size": 8, "seq_len": 128, "generate": 400, "mix": 1 / 3, "seed": 0}
     opts.update({k: parse(x) for k, x in (kv.split("=") for kv in spec.split(",") if kv)})
     corpus = str(shared / "data" / "general" / "train.txt.gz")
     if opts.pop("corpus", "") == "task":  # every training document but the validation one

@@ -147,7 +147,33 @@ RUNS = {
                  generate=1200),
     "m32f": dict(pairs=["llama->mistral"], tasks=["shakespeare"], methods=["imitation_auto_gen_all"],
                  cast_steps=150, generate=1200),
+    # session 14: the same on kjv, the two llama-target cells (auto: the blend), each with its control; the LoRAs
+    # copied from runs/lev_kjv/loras (levers.py, the bench's recipe and seed)
+    "m33a": dict(pairs=["neox->llama"], tasks=["kjv"], methods=["cast_auto_gen_all"], cast_steps=150, generate=1200),
+    "m33b": dict(pairs=["neox->llama"], tasks=["kjv"], methods=["imitation_auto_gen_all"], cast_steps=150,
+                 generate=1200),
+    "m33c": dict(pairs=["mistral->llama"], tasks=["kjv"], methods=["cast_auto_gen_all"], cast_steps=150,
+                 generate=1200),
+    "m33d": dict(pairs=["mistral->llama"], tasks=["kjv"], methods=["imitation_auto_gen_all"], cast_steps=150,
+                 generate=1200),
+    # session 14: --mix 1 became the default; the cells it was not yet measured on, each with its control (auto:
+    # the source). LoRAs copied from runs/lev_kjv/loras (kjv) and runs/lev_nl/loras (shakespeare llama, neox)
+    "m34a": dict(pairs=["llama->mistral"], tasks=["kjv"], methods=["cast_auto_gen_all"], cast_steps=150,
+                 generate=1200),
+    "m34b": dict(pairs=["llama->mistral"], tasks=["kjv"], methods=["imitation_auto_gen_all"], cast_steps=150,
+                 generate=1200),
+    "m34c": dict(pairs=["llama->neox"], tasks=["shakespeare"], methods=["cast_auto_gen_all"], cast_steps=150,
+                 generate=1200),
+    "m34d": dict(pairs=["llama->neox"], tasks=["shakespeare"], methods=["imitation_auto_gen_all"], cast_steps=150,
+                 generate=1200),
+    "m34e": dict(pairs=["llama->neox"], tasks=["kjv"], methods=["cast_auto_gen_all"], cast_steps=150,
+                 generate=1200),
+    "m34f": dict(pairs=["llama->neox"], tasks=["kjv"], methods=["imitation_auto_gen_all"], cast_steps=150,
+                 generate=1200),
 }
 
 name = sys.argv[1]
-bench(BenchConfig(out=f"runs/{name}", lora_steps=150, batch_size=8, seq_len=128, eval_tokens=30000, **RUNS[name]))
+# Every run here trained at the --mix of its day, a third of the stream generated (the default before session 14),
+# except the rows whose method names its own (cast_auto_gen_all and its control: every text generated).
+bench(BenchConfig(out=f"runs/{name}", lora_steps=150, batch_size=8, seq_len=128, eval_tokens=30000,
+                  **{"mix": 1 / 3, **RUNS[name]}))

@@ -375,6 +375,17 @@ def test_generate_from_lora_effect_trains_on_mined_prompts(folders, tmp_path):
     assert not (tmp_path / "zero").exists()
 
 
+def test_default_stream_is_all_generated_and_bad_mix_fails(folders, tmp_path):
+    # --mix 1 (the default since session 14): every training text is sampled from source+LoRA; the
+    # calibration batch stays general text
+    rec = _run(folders, tmp_path / "all", steps=2).record
+    assert rec["config"]["mix"] == 1.0 and rec["generated_texts"] == 2 * 2  # the whole 2 x 2 stream
+    for bad in (1.5, -0.5, float("nan")):
+        with pytest.raises(CastloraError, match="--mix must be a fraction in"):
+            _run(folders, tmp_path / "bad", steps=2, mix=bad)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_unaligned_positions_are_the_real_ones_no_source_position_matches():
     tok_s, tok_t = load_tokenizer(str(shared_path("zoo", "neox"))), load_tokenizer(str(shared_path("zoo", "llama")))
     batch = encode_pair(["The unbelievably tintinnabulating bells of Westminster.", "Hi."], tok_s, tok_t, 32, 48)

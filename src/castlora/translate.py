@@ -93,6 +93,9 @@ def check_inputs(cfg: TranslateConfig) -> None:
         raise CastloraError(f"--balanced-kernels needs linear heads; drop it or use --head linear (not {cfg.head})")
     if not (math.isfinite(cfg.unaligned_weight) and cfg.unaligned_weight >= 0):
         raise CastloraError(f"--unaligned-weight must be a finite number >= 0 (0 = no anchor), not {cfg.unaligned_weight}")
+    if not 0 <= cfg.mix <= 1:
+        raise CastloraError(f"--mix must be a fraction in [0, 1] (the most of the training texts that may be "
+                            f"generated; 1 = all, 0 = none), not {cfg.mix}")
     if cfg.extra_rank < 0:
         raise CastloraError(f"--extra-rank must be an integer >= 0 (0 = the kernel's own r directions only), "
                             f"not {cfg.extra_rank}")

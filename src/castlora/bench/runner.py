@@ -22,8 +22,9 @@ from ..corpus import read_documents
 from ..evaluate import completion_loss, exact_match, load_examples, retention, text_loss
 from .tasks import get_task
 
-# method -> translate() options (generate -1: cfg.generate texts from source+LoRA, capped at mix = 1/3 of
-# the stream; 0: general text only). Every CAST row has its imitation control trained on the same corpus.
+# method -> translate() options (generate -1: BenchConfig.generate texts from source+LoRA, capped at --mix
+# of the stream, BenchConfig.mix unless the row names its own; -1 there too: --mix's share; 0: general text
+# only). Every CAST row has its imitation control trained on the same corpus.
 # Rows that do not name an init use translate's default (auto: the scaled closed-form start; before
 # session 4 it was the closed form itself, so older results.json files record init "closed-form").
 METHODS: dict[str, dict] = {
@@ -36,9 +37,11 @@ METHODS: dict[str, dict] = {
     "cast_source_gen": {"teacher": "source", "generate": -1},
     "cast_delta_gen": {"teacher": "delta", "generate": -1},
     "imitation_gen": {"teacher": "source_base", "generate": -1},
-    # the blend teacher (w = 0.5, chosen on validation text: docs/results.md, session 7) and its control
-    "cast_blend_gen": {"teacher": "blend", "delta_weight": 0.5, "generate": -1},
-    "imitation_blend_gen": {"teacher": "blend", "delta_weight": 0.5, "teacher_lora": False, "generate": -1},
+    # the blend teacher (w = 0.5, chosen on validation text: docs/results.md, session 7) and its control, on
+    # the stream of sessions 7-13 (a third generated)
+    "cast_blend_gen": {"teacher": "blend", "delta_weight": 0.5, "generate": -1, "mix": 1 / 3},
+    "imitation_blend_gen": {"teacher": "blend", "delta_weight": 0.5, "teacher_lora": False, "generate": -1,
+                            "mix": 1 / 3},
     # the blend on a stream two thirds generated (BenchConfig.generate caps the count), and its control
     "cast_blend_gen23": {"teacher": "blend", "delta_weight": 0.5, "generate": -1, "mix": 2 / 3},
     "imitation_blend_gen23": {"teacher": "blend", "delta_weight": 0.5, "teacher_lora": False, "generate": -1,
@@ -56,8 +59,8 @@ METHODS: dict[str, dict] = {
     "cast_auto_gen_s256": {"teacher": "auto", "generate": -1, "seq_len": 256, "batch_size": 4},
     "imitation_auto_gen_s256": {"teacher": "auto", "teacher_lora": False, "generate": -1, "seq_len": 256,
                                 "batch_size": 4},
-    # the default on a stream of generated text only (--mix 1; BenchConfig.generate caps the count), and its
-    # control on the same stream: the best lever of session 13 on validation text
+    # --teacher auto on a stream of generated text only (--mix 1; BenchConfig.generate caps the count), and its
+    # control on the same stream: the best lever of session 13 on validation text, the default since session 14
     "cast_auto_gen_all": {"teacher": "auto", "generate": -1, "mix": 1.0},
     "imitation_auto_gen_all": {"teacher": "auto", "teacher_lora": False, "generate": -1, "mix": 1.0},
     # The exact-match recipe chosen on validation examples (benchmarks/levers.py, docs/results.md):
@@ -91,7 +94,8 @@ class BenchConfig:
     batch_size: int = 8
     seq_len: int = 128
     lr: float = 2e-3
-    generate: int = 400
+    generate: int = -1  # texts generated per CAST row that generates; -1 = the --mix share of the stream
+    mix: float = 1.0  # translate's --mix for rows that do not name their own (1/3 before session 14)
     eval_tokens: int = 30000
     eval_examples: int = 100
     device: str = "cpu"
@@ -203,6 +207,7 @@ def bench(cfg: BenchConfig, log=print) -> dict:
                 opts = dict(METHODS[method])
                 if opts.get("generate") == -1:
                     opts["generate"] = cfg.generate
+                    opts.setdefault("mix", cfg.mix)
                 port = out / "ports" / f"{pair.replace('->', '_to_')}_{task}_{method}"
                 t0 = time.perf_counter()
                 res = translate(source=zoo(src), adapter=src_lora, target=zoo(tgt), corpus=[general], out=str(port),
