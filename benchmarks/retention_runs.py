@@ -170,6 +170,16 @@ RUNS = {
                  generate=1200),
     "m34f": dict(pairs=["llama->neox"], tasks=["kjv"], methods=["imitation_auto_gen_all"], cast_steps=150,
                  generate=1200),
+    # session 14: greet llama->mistral with the exact-match recipe, a third (a, b) and all (c, d) of the stream
+    # generated, each with its control, on one pair of LoRAs (copied from runs/lev_greet/loras)
+    "m35a": dict(pairs=["llama->mistral"], tasks=["greet"], methods=["cast_delta_gen_zd"], cast_steps=100,
+                 generate=-1),
+    "m35b": dict(pairs=["llama->mistral"], tasks=["greet"], methods=["imitation_gen_zd"], cast_steps=100,
+                 generate=-1),
+    "m35c": dict(pairs=["llama->mistral"], tasks=["greet"], methods=["cast_delta_gen_zd"], cast_steps=100,
+                 generate=-1, mix=1.0),
+    "m35d": dict(pairs=["llama->mistral"], tasks=["greet"], methods=["imitation_gen_zd"], cast_steps=100,
+                 generate=-1, mix=1.0),
 }
 
 name = sys.argv[1]
