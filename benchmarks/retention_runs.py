@@ -9,6 +9,18 @@ import sys
 from castlora.bench import BenchConfig, bench
 
 GEN = ["cast0", "random_heads", "weight_space", "cast_source_gen", "imitation_gen"]
+ALL = ("cast_auto_gen_all", "imitation_auto_gen_all")  # the default since session 14 and its control
+EXACT = ("cast_delta_gen_zd", "imitation_gen_zd")  # the exact-match recipe and its control
+
+
+def side_by_side(cast_run: str, control_run: str, pair: str, task: str, methods: tuple, **options) -> dict:
+    """Two runs, a CAST row and its imitation control, on one pair and task (150 steps, 1,200 generated
+    texts unless `options` say otherwise), so that the two can run on the two cores at once."""
+    options = {"cast_steps": 150, "generate": 1200, **options}
+    return {run: dict(pairs=[pair], tasks=[task], methods=[method], **options)
+            for run, method in zip((cast_run, control_run), methods)}
+
+
 RUNS = {
     # shakespeare llama->mistral after the CAST-0 fix, the session-1 recipe (150 steps)
     "m5": dict(pairs=["llama->mistral"], tasks=["shakespeare"], methods=["cast0", "cast_source_gen", "imitation_gen"],
@@ -133,53 +145,26 @@ RUNS = {
                  generate=400),
     # session 13: the default on a stream of generated text only (1,200 texts: every training text), shakespeare
     # neox->llama (auto: the blend), and its control; the LoRAs copied from runs/lev_nl/loras as for m31
-    "m32a": dict(pairs=["neox->llama"], tasks=["shakespeare"], methods=["cast_auto_gen_all"], cast_steps=150,
-                 generate=1200),
-    "m32b": dict(pairs=["neox->llama"], tasks=["shakespeare"], methods=["imitation_auto_gen_all"], cast_steps=150,
-                 generate=1200),
+    # session 13: the default on a stream of generated text only (1,200 texts: every training text), shakespeare
+    # neox->llama (auto: the blend), and its control; the LoRAs copied from runs/lev_nl/loras as for m31
+    **side_by_side("m32a", "m32b", "neox->llama", "shakespeare", ALL),
     # the same on mistral->llama (auto: the blend; LoRAs from runs/lev_ml/loras) and llama->mistral (auto: the
     # source; LoRAs from runs/lev_lm/loras)
-    "m32c": dict(pairs=["mistral->llama"], tasks=["shakespeare"], methods=["cast_auto_gen_all"], cast_steps=150,
-                 generate=1200),
-    "m32d": dict(pairs=["mistral->llama"], tasks=["shakespeare"], methods=["imitation_auto_gen_all"],
-                 cast_steps=150, generate=1200),
-    "m32e": dict(pairs=["llama->mistral"], tasks=["shakespeare"], methods=["cast_auto_gen_all"], cast_steps=150,
-                 generate=1200),
-    "m32f": dict(pairs=["llama->mistral"], tasks=["shakespeare"], methods=["imitation_auto_gen_all"],
-                 cast_steps=150, generate=1200),
+    **side_by_side("m32c", "m32d", "mistral->llama", "shakespeare", ALL),
+    **side_by_side("m32e", "m32f", "llama->mistral", "shakespeare", ALL),
     # session 14: the same on kjv, the two llama-target cells (auto: the blend), each with its control; the LoRAs
     # copied from runs/lev_kjv/loras (levers.py, the bench's recipe and seed)
-    "m33a": dict(pairs=["neox->llama"], tasks=["kjv"], methods=["cast_auto_gen_all"], cast_steps=150, generate=1200),
-    "m33b": dict(pairs=["neox->llama"], tasks=["kjv"], methods=["imitation_auto_gen_all"], cast_steps=150,
-                 generate=1200),
-    "m33c": dict(pairs=["mistral->llama"], tasks=["kjv"], methods=["cast_auto_gen_all"], cast_steps=150,
-                 generate=1200),
-    "m33d": dict(pairs=["mistral->llama"], tasks=["kjv"], methods=["imitation_auto_gen_all"], cast_steps=150,
-                 generate=1200),
+    **side_by_side("m33a", "m33b", "neox->llama", "kjv", ALL),
+    **side_by_side("m33c", "m33d", "mistral->llama", "kjv", ALL),
     # session 14: --mix 1 became the default; the cells it was not yet measured on, each with its control (auto:
     # the source). LoRAs copied from runs/lev_kjv/loras (kjv) and runs/lev_nl/loras (shakespeare llama, neox)
-    "m34a": dict(pairs=["llama->mistral"], tasks=["kjv"], methods=["cast_auto_gen_all"], cast_steps=150,
-                 generate=1200),
-    "m34b": dict(pairs=["llama->mistral"], tasks=["kjv"], methods=["imitation_auto_gen_all"], cast_steps=150,
-                 generate=1200),
-    "m34c": dict(pairs=["llama->neox"], tasks=["shakespeare"], methods=["cast_auto_gen_all"], cast_steps=150,
-                 generate=1200),
-    "m34d": dict(pairs=["llama->neox"], tasks=["shakespeare"], methods=["imitation_auto_gen_all"], cast_steps=150,
-                 generate=1200),
-    "m34e": dict(pairs=["llama->neox"], tasks=["kjv"], methods=["cast_auto_gen_all"], cast_steps=150,
-                 generate=1200),
-    "m34f": dict(pairs=["llama->neox"], tasks=["kjv"], methods=["imitation_auto_gen_all"], cast_steps=150,
-                 generate=1200),
+    **side_by_side("m34a", "m34b", "llama->mistral", "kjv", ALL),
+    **side_by_side("m34c", "m34d", "llama->neox", "shakespeare", ALL),
+    **side_by_side("m34e", "m34f", "llama->neox", "kjv", ALL),
     # session 14: greet llama->mistral with the exact-match recipe, a third (a, b) and all (c, d) of the stream
     # generated, each with its control, on one pair of LoRAs (copied from runs/lev_greet/loras)
-    "m35a": dict(pairs=["llama->mistral"], tasks=["greet"], methods=["cast_delta_gen_zd"], cast_steps=100,
-                 generate=-1),
-    "m35b": dict(pairs=["llama->mistral"], tasks=["greet"], methods=["imitation_gen_zd"], cast_steps=100,
-                 generate=-1),
-    "m35c": dict(pairs=["llama->mistral"], tasks=["greet"], methods=["cast_delta_gen_zd"], cast_steps=100,
-                 generate=-1, mix=1.0),
-    "m35d": dict(pairs=["llama->mistral"], tasks=["greet"], methods=["imitation_gen_zd"], cast_steps=100,
-                 generate=-1, mix=1.0),
+    **side_by_side("m35a", "m35b", "llama->mistral", "greet", EXACT, cast_steps=100, generate=-1),
+    **side_by_side("m35c", "m35d", "llama->mistral", "greet", EXACT, cast_steps=100, generate=-1, mix=1.0),
 }
 
 name = sys.argv[1]
