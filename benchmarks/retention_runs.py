@@ -145,8 +145,6 @@ RUNS = {
                  generate=400),
     # session 13: the default on a stream of generated text only (1,200 texts: every training text), shakespeare
     # neox->llama (auto: the blend), and its control; the LoRAs copied from runs/lev_nl/loras as for m31
-    # session 13: the default on a stream of generated text only (1,200 texts: every training text), shakespeare
-    # neox->llama (auto: the blend), and its control; the LoRAs copied from runs/lev_nl/loras as for m31
     **side_by_side("m32a", "m32b", "neox->llama", "shakespeare", ALL),
     # the same on mistral->llama (auto: the blend; LoRAs from runs/lev_ml/loras) and llama->mistral (auto: the
     # source; LoRAs from runs/lev_lm/loras)
@@ -165,6 +163,10 @@ RUNS = {
     # generated, each with its control, on one pair of LoRAs (copied from runs/lev_greet/loras)
     **side_by_side("m35a", "m35b", "llama->mistral", "greet", EXACT, cast_steps=100, generate=-1),
     **side_by_side("m35c", "m35d", "llama->mistral", "greet", EXACT, cast_steps=100, generate=-1, mix=1.0),
+    # session 15: the sanity pair with the session-14 default (LoRA copied from runs/lev_nl/loras), and echo
+    # llama->neox with the exact-match recipe on a stream of generated text only (the bench trains the echo LoRAs)
+    **side_by_side("m36a", "m36b", "llama->llama", "shakespeare", ALL),
+    **side_by_side("m36c", "m36d", "llama->neox", "echo", EXACT, cast_steps=100, generate=-1, mix=1.0),
 }
 
 name = sys.argv[1]

@@ -93,6 +93,25 @@ for w in W:
         value = loss(teacher(w, a))
         cells.append(f"{gap(value):.3f} ({value:.3f})")
     print(f"| {w:g} | " + " | ".join(cells) + " |", flush=True)
+
+def additive(w: float, a: float, f: float) -> list[torch.Tensor]:
+    """A teacher in probability space instead of log space: p = p_S + a (p_S+LoRA - p_S) + w (p_T - p_S),
+    floored at f p_T and renormalised. At w = 1 and a = 0 it is p_T exactly, so none of it is the
+    source base model (the log-space delta teacher, w = 1, is that too, but moves p_T by the LoRA's
+    ratio, which session 12 found is not what the LoRA does on T); f = 1 keeps only the mass the LoRA adds."""
+    out = []
+    for s, sl, t in zip(lp_s, lp_sl, lp_t):
+        p = torch.maximum(s.exp() + a * (sl.exp() - s.exp()) + w * (t.exp() - s.exp()), f * t.exp())
+        out.append((p / p.sum(-1, keepdim=True)).log())
+    return out
+
+
+AA = (1.0, 2.0, 3.0)
+print("\nthe same for the probability-space teachers (w, f) at a = " + ", ".join(f"{a:g}" for a in AA))
+print("| w, f | " + " | ".join(f"a {a:g}" for a in AA) + " |")
+print("|---|" + "---:|" * len(AA))
+for w, f in ((0.75, 0.7), (0.75, 1.0), (1.0, 0.7), (1.0, 1.0)):
+    print(f"| {w:g}, {f:g} | " + " | ".join(f"{gap(loss(additive(w, a, f))):.3f}" for a in AA) + " |", flush=True)
 for name in lf.ports:
     port = with_adapter(lf, tgt, name)
     lp_port = aligned_log_probs(port, "t", batches, vocab)[task]

@@ -23,6 +23,7 @@ from castlora.closed_form import closed_form_init, gather_aligned, random_init
 from castlora.errors import CastloraError, CorpusError
 from castlora.export import export_peft, module_factors
 from castlora.families import model_sites
+from castlora.generate import lora_scaled
 from castlora.losses import kl_divergence, shared_log_probs
 from castlora.models import load_model, load_tokenizer
 from castlora.site_map import map_sites, proportional_layer_map, uncovered_layers
@@ -383,6 +384,33 @@ def test_default_stream_is_all_generated_and_bad_mix_fails(folders, tmp_path):
     for bad in (1.5, -0.5, float("nan")):
         with pytest.raises(CastloraError, match="--mix must be a fraction in"):
             _run(folders, tmp_path / "bad", steps=2, mix=bad)
+    for bad in (dict(top_k=-1), dict(prompt_tokens=0)):
+        with pytest.raises(CastloraError, match="--top-k must be >= 0 .* and --prompt-tokens >= 1"):
+            _run(folders, tmp_path / "bad", steps=2, **bad)
+    assert not (tmp_path / "bad").exists()
+    # a shorter prompt and no top-k: the run records both and still generates the whole stream
+    rec = _run(folders, tmp_path / "short", steps=2, prompt_tokens=2, top_k=0).record
+    assert rec["config"]["prompt_tokens"] == 2 and rec["config"]["top_k"] == 0 and rec["generated_texts"] == 4
+
+
+def test_lora_scaled_scales_the_lora_for_sampling_and_restores_it(folders, tmp_path):
+    pm = PeftModel.from_pretrained(load_model(str(folders["llama"])), str(folders["adapter"])).eval()
+    x = torch.tensor([[1, 450, 4996, 17354, 1701, 29916]])
+    with torch.no_grad():
+        lora = pm(input_ids=x).logits
+        with pm.disable_adapter():
+            base = pm(input_ids=x).logits
+        with lora_scaled(pm, 0.0):  # no LoRA at all: the base model
+            assert torch.allclose(pm(input_ids=x).logits, base, atol=1e-5)
+        with pytest.raises(RuntimeError), lora_scaled(pm, 2.0):
+            assert (pm(input_ids=x).logits - lora).abs().max() > 1e-3  # twice the LoRA moves further
+            raise RuntimeError("interrupted")
+        assert torch.equal(pm(input_ids=x).logits, lora)  # restored, even after the error
+    rec = _run(folders, tmp_path / "amp", steps=2, generate_lora_weight=1.5).record
+    assert rec["config"]["generate_lora_weight"] == 1.5 and rec["generated_texts"] == 4
+    for bad in (-1.0, float("inf")):
+        with pytest.raises(CastloraError, match="--generate-lora-weight must be a finite number >= 0"):
+            _run(folders, tmp_path / "bad", steps=2, generate_lora_weight=bad)
     assert not (tmp_path / "bad").exists()
 
 

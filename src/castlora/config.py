@@ -122,9 +122,14 @@ class TranslateConfig:
                           "third against none lifted gap recovered from 0.54 to 0.68 on llama->mistral; all against a "
                           "third gained on validation text in all nine runs (three pairs, two domains, two seeds: "
                           "+0.008 to +0.049), so 1 is the default since session 14 (docs/results.md)")
-    top_k: int = opt(50, "top-k of the sampling for --generate")
-    generate_from: str = opt("doc-start", "prompts of --generate. doc-start: the first 8 tokens of general "
-                                          "documents; lora-effect: windows of general text where the LoRA moves the "
+    top_k: int = opt(50, "top-k of the sampling for --generate (0 = no top-k: sample the whole distribution)")
+    generate_lora_weight: float = opt(1.0, "the LoRA's scale while --generate samples (1 = as trained; above 1 the "
+                                           "text leans further toward what the LoRA does). The teacher keeps "
+                                           "--lora-weight")
+    prompt_tokens: int = opt(8, "with --generate-from doc-start: how many tokens of each general document start a "
+                                "generated text (the rest of its --seq-len tokens the source writes with its LoRA)")
+    generate_from: str = opt("doc-start", "prompts of --generate. doc-start: the first --prompt-tokens tokens "
+                                          "of general documents; lora-effect: windows of general text where the LoRA moves the "
                                           "source the most (KL(source+LoRA || source)), each cut right after that "
                                           "position, so sampling continues where the LoRA acts. It finds line ends "
                                           "and format breaks, not the task: on validation text 0.589 of the gap "

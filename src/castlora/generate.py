@@ -4,10 +4,28 @@ everywhere, so the heads see far more of what they must carry than on general te
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from tqdm.auto import tqdm
 
 from .losses import lora_effect
+
+
+@contextmanager
+def lora_scaled(model, factor: float):
+    """Every LoRA layer of the peft `model` at `factor` times its scale while the block runs (the
+    scales are restored however it ends). 1 changes nothing."""
+    layers = [m for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)]
+    saved = [dict(m.scaling) for m in layers]
+    try:
+        if factor != 1:
+            for m in layers:
+                m.scaling = {k: v * factor for k, v in m.scaling.items()}
+        yield model
+    finally:
+        for m, old in zip(layers, saved):
+            m.scaling = old
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from .corpus import check_corpus_path, make_chunks, read_corpus
 from .errors import CastloraError, CorpusError
 from .export import export_peft, module_factors
 from .families import UnsupportedArchitectureError, family_for, model_sites
-from .generate import lora_effect_prompts, sample_texts
+from .generate import lora_effect_prompts, lora_scaled, sample_texts
 from .models import check_model_path, load_model, load_tokenizer, local_model_type
 from .safe_io import atomic_folder, write_text_atomic
 from .site_map import cka_layer_map, map_sites, proportional_layer_map, uncovered_layers
@@ -96,6 +96,12 @@ def check_inputs(cfg: TranslateConfig) -> None:
     if not 0 <= cfg.mix <= 1:
         raise CastloraError(f"--mix must be a fraction in [0, 1] (the most of the training texts that may be "
                             f"generated; 1 = all, 0 = none), not {cfg.mix}")
+    if not (math.isfinite(cfg.generate_lora_weight) and cfg.generate_lora_weight >= 0):
+        raise CastloraError(f"--generate-lora-weight must be a finite number >= 0 (1 = the LoRA as trained), "
+                            f"not {cfg.generate_lora_weight}")
+    if cfg.top_k < 0 or cfg.prompt_tokens < 1:
+        raise CastloraError(f"--top-k must be >= 0 (0 = no top-k) and --prompt-tokens >= 1 (tokens of a general "
+                            f"document that start each generated text), not {cfg.top_k} and {cfg.prompt_tokens}")
     if cfg.extra_rank < 0:
         raise CastloraError(f"--extra-rank must be an integer >= 0 (0 = the kernel's own r directions only), "
                             f"not {cfg.extra_rank}")
@@ -155,13 +161,15 @@ def _training_texts(cfg, docs, tok_s, source, n_needed, log) -> tuple[list[str],
         key = {"source": str(cfg.source), "adapter": _adapter_digest(cfg.adapter), "n": n_gen,
                "seq_len": cfg.seq_len, "top_k": cfg.top_k, "seed": cfg.seed,
                "prompts": text_digest(docs),
-               **({"generate_from": cfg.generate_from} if cfg.generate_from != "doc-start" else {})} if saved else None
+               **({"generate_from": cfg.generate_from} if cfg.generate_from != "doc-start" else {}),
+               **({"prompt_tokens": cfg.prompt_tokens} if cfg.prompt_tokens != 8 else {}),
+               **({"generate_lora_weight": cfg.generate_lora_weight} if cfg.generate_lora_weight != 1 else {})} if saved else None
         gen = None
         if saved and saved.exists():
             rec = json.loads(saved.read_text())
             gen = rec["texts"] if rec.get("key") == key else None
         if gen is None:
-            prompts, prompt_tokens = docs, 8
+            prompts, prompt_tokens = docs, cfg.prompt_tokens
             if cfg.generate_from == "lora-effect":  # windows of general text where the LoRA acts the most
                 windows = make_chunks(docs, tok_s, MINE_WINDOW, MINE_POOL * n_gen, seed=cfg.seed + 1)
                 prompts, effects = lora_effect_prompts(source, tok_s, windows, n_gen, window=MINE_WINDOW,
@@ -172,8 +180,9 @@ def _training_texts(cfg, docs, tok_s, source, n_needed, log) -> tuple[list[str],
                 prompt_tokens = MINE_WINDOW
                 info.update({"mined_windows": len(windows), "prompt_effect": {
                     "max": effects[0], "median": effects[len(effects) // 2], "min": effects[-1]}})
-            gen = sample_texts(source, tok_s, prompts, n_gen, max_new_tokens=cfg.seq_len, top_k=cfg.top_k,
-                               prompt_tokens=prompt_tokens, seed=cfg.seed, progress=cfg.progress)
+            with lora_scaled(source, cfg.generate_lora_weight):
+                gen = sample_texts(source, tok_s, prompts, n_gen, max_new_tokens=cfg.seq_len, top_k=cfg.top_k,
+                                   prompt_tokens=prompt_tokens, seed=cfg.seed, progress=cfg.progress)
             if saved:
                 saved.parent.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(saved, json.dumps({"key": key, "texts": gen}))
