@@ -129,8 +129,8 @@ class TranslateConfig:
     prompt_tokens: int = opt(8, "with --generate-from doc-start: how many tokens of each general document start a "
                                 "generated text (the rest of its --seq-len tokens the source writes with its LoRA)")
     generate_from: str = opt("doc-start", "prompts of --generate. doc-start: the first --prompt-tokens tokens "
-                                          "of general documents; lora-effect: windows of general text where the LoRA moves the "
-                                          "source the most (KL(source+LoRA || source)), each cut right after that "
+                                          "of general documents; lora-effect: windows of general text where the "
+                                          "LoRA moves the source the most (KL(source+LoRA || source)), each cut right after that "
                                           "position, so sampling continues where the LoRA acts. It finds line ends "
                                           "and format breaks, not the task: on validation text 0.589 of the gap "
                                           "against 0.606 (shakespeare neox->llama) and 0.212 against 0.259 (greet "

@@ -163,7 +163,8 @@ def _training_texts(cfg, docs, tok_s, source, n_needed, log) -> tuple[list[str],
                "prompts": text_digest(docs),
                **({"generate_from": cfg.generate_from} if cfg.generate_from != "doc-start" else {}),
                **({"prompt_tokens": cfg.prompt_tokens} if cfg.prompt_tokens != 8 else {}),
-               **({"generate_lora_weight": cfg.generate_lora_weight} if cfg.generate_lora_weight != 1 else {})} if saved else None
+               **({"generate_lora_weight": cfg.generate_lora_weight} if cfg.generate_lora_weight != 1 else {}),
+               } if saved else None
         gen = None
         if saved and saved.exists():
             rec = json.loads(saved.read_text())
