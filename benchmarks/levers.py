@@ -16,6 +16,7 @@ reproduces; `generate=-1,mix=1` is the default since session 14 (every training 
 
 `corpus=task` trains the heads on the task's own training text (the validation document left out) instead of general text: a diagnostic
 that CAST may not use (it sees no task data), which says how much of what a port misses is the corpus.
+`corpus=PATH` trains on that file instead of general/train (e.g. text from benchmarks/port_samples.py).
 """
 
 import json
@@ -96,8 +97,8 @@ for v in variants:
     name, _, spec = v.partition(":")
     opts = {"steps": steps, "batch_size": 8, "seq_len": 128, "generate": 400, "mix": 1 / 3, "seed": 0}
     opts.update({k: parse(x) for k, x in (kv.split("=") for kv in spec.split(",") if kv)})
-    corpus = str(shared / "data" / "general" / "train.txt.gz")
-    if opts.pop("corpus", "") == "task":  # every training document but the validation one
+    corpus = opts.pop("corpus", "") or str(shared / "data" / "general" / "train.txt.gz")
+    if corpus == "task":  # every training document but the validation one
         corpus = str(out / "tasks" / "train_but_validation.jsonl")
         Path(corpus).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(corpus, "".join(json.dumps({"text": d}) + "\n" for d in read_documents(train.train)[:-1]))

@@ -11,6 +11,7 @@ from castlora.bench import BenchConfig, bench
 GEN = ["cast0", "random_heads", "weight_space", "cast_source_gen", "imitation_gen"]
 ALL = ("cast_auto_gen_all", "imitation_auto_gen_all")  # the default since session 14 and its control
 EXACT = ("cast_delta_gen_zd", "imitation_gen_zd")  # the exact-match recipe and its control
+EXACT_AUTO = ("cast_auto_gen_zd", "imitation_auto_gen_zd")  # the same with --teacher auto (session 16)
 
 
 def side_by_side(cast_run: str, control_run: str, pair: str, task: str, methods: tuple, **options) -> dict:
@@ -167,6 +168,28 @@ RUNS = {
     # llama->neox with the exact-match recipe on a stream of generated text only (the bench trains the echo LoRAs)
     **side_by_side("m36a", "m36b", "llama->llama", "shakespeare", ALL),
     **side_by_side("m36c", "m36d", "llama->neox", "echo", EXACT, cast_steps=100, generate=-1, mix=1.0),
+    # session 16: a second CAST seed with the session-14 default on the two weakest shakespeare test cells
+    # (auto: the blend), the same LoRAs as m32a and m32c (copied from there): how far one seed moves a test cell
+    "m37a": dict(pairs=["neox->llama"], tasks=["shakespeare"], methods=[ALL[0]], cast_steps=150, generate=1200,
+                 seed=1),
+    "m37b": dict(pairs=["mistral->llama"], tasks=["shakespeare"], methods=[ALL[0]], cast_steps=150, generate=1200,
+                 seed=1),
+    # the same on the two weakest kjv cells, the LoRAs of m33a and m33c
+    "m37c": dict(pairs=["neox->llama"], tasks=["kjv"], methods=[ALL[0]], cast_steps=150, generate=1200, seed=1),
+    "m37d": dict(pairs=["mistral->llama"], tasks=["kjv"], methods=[ALL[0]], cast_steps=150, generate=1200, seed=1),
+    # session 16: the exact-match recipe with --teacher auto instead of the delta teacher, every text generated,
+    # each with its control: greet llama->mistral (LoRAs of m35c) and mistral->llama (the delta recipe too there;
+    # LoRAs from runs/lev_greet/loras, as m35's), echo llama->neox (LoRAs of m36c)
+    **side_by_side("m38a", "m38b", "llama->mistral", "greet", EXACT_AUTO, cast_steps=100, generate=-1, mix=1.0),
+    **side_by_side("m38c", "m38d", "mistral->llama", "greet", EXACT, cast_steps=100, generate=-1, mix=1.0),
+    **side_by_side("m38e", "m38f", "mistral->llama", "greet", EXACT_AUTO, cast_steps=100, generate=-1, mix=1.0),
+    **side_by_side("m38g", "m38h", "llama->neox", "echo", EXACT_AUTO, cast_steps=100, generate=-1, mix=1.0),
+    # the two other greet pairs, both recipes, each with its control (llama's LoRA from runs/lev_greet/loras;
+    # neox's trained by m39a with the bench's recipe and seed, then copied)
+    **side_by_side("m39a", "m39b", "neox->llama", "greet", EXACT, cast_steps=100, generate=-1, mix=1.0),
+    **side_by_side("m39c", "m39d", "neox->llama", "greet", EXACT_AUTO, cast_steps=100, generate=-1, mix=1.0),
+    **side_by_side("m39e", "m39f", "llama->neox", "greet", EXACT, cast_steps=100, generate=-1, mix=1.0),
+    **side_by_side("m39g", "m39h", "llama->neox", "greet", EXACT_AUTO, cast_steps=100, generate=-1, mix=1.0),
 }
 
 name = sys.argv[1]

@@ -122,6 +122,8 @@ def test_every_bench_method_is_valid_translate_options_with_its_control_beside_i
     # each CAST row's imitation control is the same run with the LoRA off in the teacher only
     for cast, control in (("cast_blend_gen", "imitation_blend_gen"), ("cast_auto_gen", "imitation_auto_gen"),
                           ("cast_blend_gen23", "imitation_blend_gen23"), ("cast_auto_gen_cover", "imitation_auto_gen_cover"),
-                          ("cast_auto_gen_s256", "imitation_auto_gen_s256")):
+                          ("cast_auto_gen_s256", "imitation_auto_gen_s256"),
+                          ("cast_auto_gen_all", "imitation_auto_gen_all"),
+                          ("cast_auto_gen_zd", "imitation_auto_gen_zd")):
         assert METHODS[control] == {**METHODS[cast], "teacher_lora": False}
     assert METHODS["cast_auto_gen"]["teacher"] == "auto" and METHODS["imitation_gen"]["teacher"] == "source_base"

@@ -67,6 +67,12 @@ METHODS: dict[str, dict] = {
     # start at the target base (zero output heads) and train faster; its imitation control beside it.
     "cast_delta_gen_zd": {"teacher": "delta", "generate": -1, "init": "zero-delta", "lr": 1e-2},
     "imitation_gen_zd": {"teacher": "source_base", "generate": -1, "init": "zero-delta", "lr": 1e-2},
+    # the same start and lr with --teacher auto (the source teacher from a stronger source, the blend from a
+    # weaker one): on greet validation prompts with every text generated it beat the delta teacher on both
+    # pairs tried (docs/results.md, session 16); its control beside it
+    "cast_auto_gen_zd": {"teacher": "auto", "generate": -1, "init": "zero-delta", "lr": 1e-2},
+    "imitation_auto_gen_zd": {"teacher": "auto", "teacher_lora": False, "generate": -1, "init": "zero-delta",
+                              "lr": 1e-2},
 }
 PAIRS = ("llama->llama", "llama->mistral", "llama->neox", "mistral->llama", "neox->llama")
 # facts is not in the default list: no zoo LoRA learns it (docs/results.md); `--tasks facts` runs it.
