@@ -68,8 +68,9 @@ METHODS: dict[str, dict] = {
     "cast_delta_gen_zd": {"teacher": "delta", "generate": -1, "init": "zero-delta", "lr": 1e-2},
     "imitation_gen_zd": {"teacher": "source_base", "generate": -1, "init": "zero-delta", "lr": 1e-2},
     # the same start and lr with --teacher auto (the source teacher from a stronger source, the blend from a
-    # weaker one): on greet validation prompts with every text generated it beat the delta teacher on both
-    # pairs tried (docs/results.md, session 16); its control beside it
+    # weaker one). With every text generated it beat the delta teacher on greet (all four test pairs, +0.05 to
+    # +0.10 of the completion-loss gap) and lost on echo (-0.05), so both rows stay (docs/results.md, session
+    # 16); its control beside it
     "cast_auto_gen_zd": {"teacher": "auto", "generate": -1, "init": "zero-delta", "lr": 1e-2},
     "imitation_auto_gen_zd": {"teacher": "auto", "teacher_lora": False, "generate": -1, "init": "zero-delta",
                               "lr": 1e-2},
