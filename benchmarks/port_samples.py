@@ -7,7 +7,7 @@ knowledge distillation): the teacher then corrects the student where the student
 the prompts are the first tokens of the same general documents --generate uses, in the same order.
 
   OMP_NUM_THREADS=1 python benchmarks/port_samples.py llama runs/lev_nl/ports/bl_mix1 1200 128 \
-      runs/lev_nl/port_texts.jsonl      # PORT "-" samples the target base (the control)
+      runs/lev_nl/port_texts.jsonl      # PORT "-" samples the bare target
 
 Then train on it: `benchmarks/levers.py ... 'onpol:teacher=blend,generate=0,corpus=runs/lev_nl/port_texts.jsonl'`.
 """
