@@ -190,6 +190,24 @@ RUNS = {
     **side_by_side("m39c", "m39d", "neox->llama", "greet", EXACT_AUTO, cast_steps=100, generate=-1, mix=1.0),
     **side_by_side("m39e", "m39f", "llama->neox", "greet", EXACT, cast_steps=100, generate=-1, mix=1.0),
     **side_by_side("m39g", "m39h", "llama->neox", "greet", EXACT_AUTO, cast_steps=100, generate=-1, mix=1.0),
+    # session 17: a second CAST seed on the four llama-source LM test cells (auto: the source), so that every
+    # cross-family LM cell has two; the LoRAs of m32e, m34c, m34a and m34e (copied from there)
+    **{run: dict(pairs=[pair], tasks=[task], methods=[method], cast_steps=150, generate=1200, seed=1)
+       for run, pair, task, method in [
+           ("m40a", "llama->mistral", "shakespeare", ALL[0]), ("m40b", "llama->neox", "shakespeare", ALL[0]),
+           ("m40c", "llama->mistral", "kjv", ALL[0]), ("m40d", "llama->neox", "kjv", ALL[0]),
+           # and the imitation controls of session 16's seed-1 rows (m37a-d; the blend), the same LoRAs
+           ("m41a", "neox->llama", "shakespeare", ALL[1]), ("m41b", "mistral->llama", "shakespeare", ALL[1]),
+           ("m41c", "neox->llama", "kjv", ALL[1]), ("m41d", "mistral->llama", "kjv", ALL[1])]},
+    # session 17: a second CAST seed (cast_seed: the tasks and LoRAs stay seed 0's) on the exact-match cells of
+    # m35c, m38a, m38c, m38e, m39a, m39c, m39e, m39g, m36c and m38g, each recipe (delta, auto), LoRAs copied from there
+    **{run: dict(pairs=[pair], tasks=[task], methods=[recipe[0]], cast_steps=100, generate=-1, mix=1.0, cast_seed=1)
+       for run, pair, task, recipe in [
+           ("m42a", "llama->mistral", "greet", EXACT), ("m42b", "llama->mistral", "greet", EXACT_AUTO),
+           ("m42c", "mistral->llama", "greet", EXACT), ("m42d", "mistral->llama", "greet", EXACT_AUTO),
+           ("m42e", "neox->llama", "greet", EXACT), ("m42f", "neox->llama", "greet", EXACT_AUTO),
+           ("m42g", "llama->neox", "greet", EXACT), ("m42h", "llama->neox", "greet", EXACT_AUTO),
+           ("m42i", "llama->neox", "echo", EXACT), ("m42j", "llama->neox", "echo", EXACT_AUTO)]},
 }
 
 name = sys.argv[1]

@@ -159,3 +159,16 @@ def test_translate_runs_from_yaml_with_flag_override(setup, tmp_path):
     assert rec["loss_curve"] == []
     assert (out / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "yaml_out").exists()
+
+
+def test_bench_flags_reach_the_config(tmp_path, monkeypatch):
+    """`castlora bench` is a thin layer over `bench(BenchConfig)`: --seed sets the tasks, LoRAs and CAST runs,
+    --cast-seed only the CAST runs (a second seed on the same LoRAs), and unset flags keep the defaults."""
+    bench_mod = importlib.import_module("castlora.bench")
+    seen = []
+    monkeypatch.setattr(bench_mod, "bench", lambda cfg: seen.append(cfg) or {"rows": []})
+    out = str(tmp_path / "b")
+    assert main(["bench", "--out", out, "--pairs", "llama->neox", "--seed", "2", "--cast-seed", "5"]) == 0
+    assert main(["bench", "--out", out]) == 0
+    assert (seen[0].seed, seen[0].cast_seed, seen[0].pairs, seen[0].out) == (2, 5, ["llama->neox"], out)
+    assert (seen[1].seed, seen[1].cast_seed) == (0, -1) and len(seen[1].pairs) == 5

@@ -81,7 +81,7 @@ def cmd_bench(args) -> int:
 
     kw = {k: v for k, v in dict(out=args.out, shared=args.shared, pairs=args.pairs, tasks=args.tasks,
                                 methods=args.methods, cast_steps=args.cast_steps, device=args.device,
-                                dtype=args.dtype).items() if v is not None}
+                                dtype=args.dtype, seed=args.seed, cast_seed=args.cast_seed).items() if v is not None}
     cfg = BenchConfig.quick(**kw) if args.quick else BenchConfig(**kw)
     table = bench(cfg)
     if args.quick:
@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cast-steps", type=int)
     p.add_argument("--device")
     p.add_argument("--dtype")
+    p.add_argument("--seed", type=int, help="the tasks' splits, the LoRAs and the CAST runs (default 0)")
+    p.add_argument("--cast-seed", type=int, help="the CAST runs only (default: --seed): a second CAST seed on the "
+                                                 "same tasks and LoRAs shows how far one seed moves a cell")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -107,7 +107,9 @@ class BenchConfig:
     eval_examples: int = 100
     device: str = "cpu"
     dtype: str = "float32"
-    seed: int = 0
+    seed: int = 0  # the tasks' splits, the LoRAs and (unless cast_seed says otherwise) the CAST runs
+    cast_seed: int = -1  # the CAST runs' own seed (data order, generated text, calibration); -1 = seed.
+    # A second CAST seed on the same tasks and LoRAs measures how far one seed moves a cell.
 
     @classmethod
     def quick(cls, **kw) -> "BenchConfig":
@@ -220,7 +222,8 @@ def bench(cfg: BenchConfig, log=print) -> dict:
                 res = translate(source=zoo(src), adapter=src_lora, target=zoo(tgt), corpus=[general], out=str(port),
                                 strength_corpus=[held_out],
                                 **{"steps": cfg.cast_steps, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
-                                   "device": cfg.device, "dtype": cfg.dtype, "seed": cfg.seed, **opts},
+                                   "device": cfg.device, "dtype": cfg.dtype,
+                                   "seed": cfg.seed if cfg.cast_seed < 0 else cfg.cast_seed, **opts},
                                 overwrite=True, progress=False, log=lambda *_: None)
                 rec = res.record
                 curve = rec["loss_curve"]
