@@ -208,6 +208,14 @@ RUNS = {
            ("m42e", "neox->llama", "greet", EXACT), ("m42f", "neox->llama", "greet", EXACT_AUTO),
            ("m42g", "llama->neox", "greet", EXACT), ("m42h", "llama->neox", "greet", EXACT_AUTO),
            ("m42i", "llama->neox", "echo", EXACT), ("m42j", "llama->neox", "echo", EXACT_AUTO)]},
+    # the LM default (lr 3e-2, scaled start, auto) on echo llama->neox, with its control (LoRAs of m36c)
+    **side_by_side("m43a", "m43b", "llama->neox", "echo", ALL, cast_steps=100, generate=-1, mix=1.0),
+    # the second seed of the rest: the sanity pair (LoRA of m36a) and the llama-source cells' controls (m40a-d's LoRAs)
+    **{run: dict(pairs=[pair], tasks=[task], methods=[method], cast_steps=150, generate=1200, seed=1)
+       for run, pair, task, method in [
+           ("m44a", "llama->llama", "shakespeare", ALL[0]), ("m44b", "llama->mistral", "shakespeare", ALL[1]),
+           ("m44c", "llama->neox", "shakespeare", ALL[1]), ("m44d", "llama->mistral", "kjv", ALL[1]),
+           ("m44e", "llama->neox", "kjv", ALL[1])]},
 }
 
 name = sys.argv[1]
