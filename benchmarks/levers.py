@@ -20,6 +20,7 @@ that CAST may not use (it sees no task data), which says how much of what a port
 """
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -92,7 +93,7 @@ src_lora = lora(src)
 print(f"{task} {src}->{tgt}; source+LoRA {acc(src, src_lora)[0 if exact else 1]:.3f}, "
       f"target base {base_acc:.3f} (loss {base_cl:.3f}), retrained {ret_acc:.3f} ({ret_cl:.3f})",
       flush=True)
-print("| variant | options | val acc | val loss (gap recovered) | KL first -> last | train s |")
+print("| variant | options | val acc | val loss (ratio, gap recovered) | KL first -> last | run s |")
 for v in variants:
     name, _, spec = v.partition(":")
     opts = {"steps": steps, "batch_size": 8, "seq_len": 128, "generate": 400, "mix": 1 / 3, "seed": 0}
@@ -109,5 +110,8 @@ for v in variants:
     curve = res.record["loss_curve"]
     kl = f"{curve[0]['kl']:.2f} -> {curve[-1]['kl']:.2f}" if curve else "-"
     a, cl = acc(tgt, str(out / "ports" / name))
-    print(f"| {name} | {json.dumps(opts)} | {a:.3f} | {cl:.3f} ({(base_cl - cl) / (base_cl - ret_cl):.3f}) | {kl} | "
+    # LM tasks: ratio = ppl_retrained / ppl_port; exact tasks: the exact-match ratio (accuracy / retrained's)
+    ratio = (a / ret_acc if ret_acc else float("nan")) if exact else math.exp(ret_cl - cl)
+    gap = (base_cl - cl) / (base_cl - ret_cl)
+    print(f"| {name} | {json.dumps(opts)} | {a:.3f} | {cl:.3f} ({ratio:.3f}, {gap:.3f}) | {kl} | "
           f"{time.perf_counter() - t0:.0f} |", flush=True)
