@@ -17,6 +17,27 @@ from castlora.models import load_model, load_tokenizer
 from castlora.tokens import encode_pair, shared_vocab
 
 
+def parse(value: str):
+    """A variant's option value as the bool, int or float it spells, else the string."""
+    if value in ("True", "False"):
+        return value == "True"
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def variant(spec: str, steps: int) -> tuple[str, dict]:
+    """NAME:key=value,... -> (NAME, translate options): 8 x 128 batches, at most 400 generated texts at --mix
+    1/3 (the stream of sessions 1-13, so older commands reproduce), seed 0, then the spec's own options."""
+    name, _, opts_spec = spec.partition(":")
+    opts = {"steps": steps, "batch_size": 8, "seq_len": 128, "generate": 400, "mix": 1 / 3, "seed": 0}
+    opts.update({k: parse(x) for k, x in (kv.split("=") for kv in opts_spec.split(",") if kv)})
+    return name, opts
+
+
 def lever_folder(argv=None) -> SimpleNamespace:
     task, src, tgt, out = (argv or sys.argv)[1:5]
     shared = shared_dir(None)

@@ -37,16 +37,7 @@ from castlora.safe_io import write_text_atomic
 from castlora.train_lora import train_lora
 from castlora.translate import translate
 
-
-def parse(value: str):
-    if value in ("True", "False"):
-        return value == "True"
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return value
+from lever_folder import variant
 
 
 task, src, tgt, out = sys.argv[1:5]
@@ -95,9 +86,7 @@ print(f"{task} {src}->{tgt}; source+LoRA {acc(src, src_lora)[0 if exact else 1]:
       flush=True)
 print("| variant | options | val acc | val loss (ratio, gap recovered) | KL first -> last | run s |")
 for v in variants:
-    name, _, spec = v.partition(":")
-    opts = {"steps": steps, "batch_size": 8, "seq_len": 128, "generate": 400, "mix": 1 / 3, "seed": 0}
-    opts.update({k: parse(x) for k, x in (kv.split("=") for kv in spec.split(",") if kv)})
+    name, opts = variant(v, steps)
     corpus = opts.pop("corpus", "") or str(shared / "data" / "general" / "train.txt.gz")
     if corpus == "task":  # every training document but the validation one
         corpus = str(out / "tasks" / "train_but_validation.jsonl")

@@ -216,6 +216,16 @@ RUNS = {
            ("m44a", "llama->llama", "shakespeare", ALL[0]), ("m44b", "llama->mistral", "shakespeare", ALL[1]),
            ("m44c", "llama->neox", "shakespeare", ALL[1]), ("m44d", "llama->mistral", "kjv", ALL[1]),
            ("m44e", "llama->neox", "kjv", ALL[1])]},
+    # session 18: a third seed on every cross-family LM test cell (the LoRAs of m37a-d and m40a-d, copied from
+    # there), and on the llama-source cells' controls, the seed-sensitive ones (m45e-h's LoRAs)
+    **{run: dict(pairs=[pair], tasks=[task], methods=[method], cast_steps=150, generate=1200, seed=2)
+       for run, pair, task, method in [
+           ("m45a", "neox->llama", "shakespeare", ALL[0]), ("m45b", "mistral->llama", "shakespeare", ALL[0]),
+           ("m45c", "neox->llama", "kjv", ALL[0]), ("m45d", "mistral->llama", "kjv", ALL[0]),
+           ("m45e", "llama->mistral", "shakespeare", ALL[0]), ("m45f", "llama->neox", "shakespeare", ALL[0]),
+           ("m45g", "llama->mistral", "kjv", ALL[0]), ("m45h", "llama->neox", "kjv", ALL[0]),
+           ("m46a", "llama->mistral", "shakespeare", ALL[1]), ("m46b", "llama->neox", "shakespeare", ALL[1]),
+           ("m46c", "llama->mistral", "kjv", ALL[1]), ("m46d", "llama->neox", "kjv", ALL[1])]},
 }
 
 name = sys.argv[1]
