@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from peft import PeftModel
 
 from castlora.bench.tasks import get_task
@@ -42,13 +43,14 @@ zoo_tgt = shared / "zoo" / tgt
 val_docs = read_documents(get_task(task, shared, out / "tasks").train)[-1:]
 tok = load_tokenizer(str(zoo_tgt))
 base_sd = {k: v.clone() for k, v in load_model(str(zoo_tgt)).state_dict().items()}
+control = PeftModel.from_pretrained(load_model(str(zoo_tgt)), str(out / "ports" / ctl)).merge_and_unload().eval()
+control_delta = {k: v - base_sd[k] for k, v in control.state_dict().items() if not torch.equal(v, base_sd[k])}
 
 
 def with_control(lam: float):
     """The target with lam x the control's delta merged into its weights."""
-    m = PeftModel.from_pretrained(load_model(str(zoo_tgt)), str(out / "ports" / ctl)).merge_and_unload()
-    sd = m.state_dict()
-    m.load_state_dict({k: base_sd[k] + lam * (sd[k] - base_sd[k]) for k in sd})
+    m = load_model(str(zoo_tgt))
+    m.load_state_dict({k: base_sd[k] + lam * d for k, d in control_delta.items()}, strict=False)
     return m.eval()
 
 
@@ -63,7 +65,7 @@ if not (merged / "model.safetensors").exists():
     tmp = merged.with_name(merged.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(zoo_tgt, tmp)
-    with_control(1.0).save_pretrained(tmp, safe_serialization=True)
+    control.save_pretrained(tmp, safe_serialization=True)
     tmp.rename(merged)
 
 base = val_loss(load_model(str(zoo_tgt)), None)
@@ -75,7 +77,7 @@ def score(loss: float) -> str:
 
 
 print(f"{task} {src}->{tgt}; target base {base:.3f}, retrained {ret:.3f}; control {ctl}: "
-      f"{score(val_loss(with_control(1.0), None))}", flush=True)
+      f"{score(val_loss(control, None))}", flush=True)
 print("| variant | " + " | ".join(f"target + port + {lam} x control" for lam in LAMBDAS) + " | run s |")
 print("|---|" + "---:|" * (len(LAMBDAS) + 1))
 for v in variants:
