@@ -226,6 +226,11 @@ RUNS = {
            ("m45g", "llama->mistral", "kjv", ALL[0]), ("m45h", "llama->neox", "kjv", ALL[0]),
            ("m46a", "llama->mistral", "shakespeare", ALL[1]), ("m46b", "llama->neox", "shakespeare", ALL[1]),
            ("m46c", "llama->mistral", "kjv", ALL[1]), ("m46d", "llama->neox", "kjv", ALL[1])]},
+    # session 19: the seed-2 controls of the blend cells (m45a-d's LoRAs, copied from there)
+    **{run: dict(pairs=[pair], tasks=[task], methods=[ALL[1]], cast_steps=150, generate=1200, seed=2)
+       for run, pair, task in [
+           ("m47a", "neox->llama", "shakespeare"), ("m47b", "mistral->llama", "shakespeare"),
+           ("m47c", "neox->llama", "kjv"), ("m47d", "mistral->llama", "kjv")]},
 }
 
 name = sys.argv[1]
