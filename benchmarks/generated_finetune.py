@@ -20,14 +20,12 @@ import sys
 from peft import PeftModel
 
 from castlora.bench import BenchConfig
-from castlora.bench.tasks import get_task
-from castlora.corpus import read_corpus, read_documents
-from castlora.evaluate import text_loss
+from castlora.corpus import read_corpus
 from castlora.generate import sample_texts
 from castlora.models import load_model
 from castlora.safe_io import write_text_atomic
 from castlora.train_lora import train_lora
-from lever_folder import lever_folder, with_adapter
+from lever_folder import lever_folder, validation_loss, with_adapter
 
 lf = lever_folder(sys.argv[:5])
 which, n = sys.argv[5], int(sys.argv[6])
@@ -46,15 +44,9 @@ adapter = lf.out / "generated_finetune" / f"{lf.src}_{lf.tgt}_{lf.task}_{which}_
 train_lora(str(lf.zoo / lf.tgt), str(texts_file), str(adapter), steps=cfg.lora_steps, rank=cfg.lora_rank,
            alpha=2 * cfg.lora_rank, targets=cfg.lora_targets, lr=cfg.lr, batch_size=8, seq_len=cfg.seq_len,
            seed=cfg.seed, overwrite=True, progress=False, log=lambda *a: None)
-docs = read_documents(get_task(lf.task, lf.shared, lf.out / "tasks").train)[-1:]
-
-
-def loss(model) -> float:
-    return text_loss(model, lf.tok_t, docs, seq_len=256, max_tokens=20000)["mean_loss"]
-
-
-base, retrained = loss(load_model(str(lf.zoo / lf.tgt))), loss(with_adapter(lf, lf.tgt))
-tuned = loss(PeftModel.from_pretrained(load_model(str(lf.zoo / lf.tgt)), str(adapter)).eval())
+base = validation_loss(lf, load_model(str(lf.zoo / lf.tgt)))
+retrained = validation_loss(lf, with_adapter(lf, lf.tgt))
+tuned = validation_loss(lf, PeftModel.from_pretrained(load_model(str(lf.zoo / lf.tgt)), str(adapter)).eval())
 print(f"{lf.task} {lf.src}->{lf.tgt}, {n} texts sampled from the source {'with' if which == 'lora' else 'without'} "
       f"its LoRA: validation base {base:.3f}, retrained {retrained:.3f}, fine-tuned on them {tuned:.3f}, "
       f"gap recovered {(base - tuned) / (base - retrained):.3f}")

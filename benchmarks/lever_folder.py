@@ -12,6 +12,7 @@ from castlora.bench.tasks import get_task
 from castlora.closed_form import gather_aligned
 from castlora.corpus import make_chunks, read_corpus, read_documents
 from castlora.demo import shared_dir
+from castlora.evaluate import text_loss
 from castlora.losses import shared_log_probs
 from castlora.models import load_model, load_tokenizer
 from castlora.tokens import encode_pair, shared_vocab
@@ -73,6 +74,13 @@ def aligned_log_probs(model, side: str, batches: dict, vocab) -> dict[str, list[
             logits = model(input_ids=ids_in, attention_mask=mask).logits
             res[name].append(shared_log_probs(gather_aligned(logits, pos, b.pos_mask), ids))
     return res
+
+
+def validation_loss(lf: SimpleNamespace, model) -> float:
+    """`model`'s mean next-token loss on the task's validation text (its last training document, 20,000 target
+    tokens in windows of 256), the levers.py measure."""
+    docs = read_documents(get_task(lf.task, lf.shared, lf.out / "tasks").train)[-1:]
+    return text_loss(model, lf.tok_t, docs, seq_len=256, max_tokens=20000)["mean_loss"]
 
 
 def with_adapter(lf: SimpleNamespace, model_name: str, port: str | None = None):

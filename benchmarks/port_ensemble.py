@@ -12,23 +12,14 @@ training document, as in levers.py).
 
 from peft import PeftModel
 
-from castlora.bench.tasks import get_task
-from castlora.corpus import read_documents
-from castlora.evaluate import text_loss
 from castlora.models import load_model
-from lever_folder import lever_folder, with_adapter
+from lever_folder import lever_folder, validation_loss, with_adapter
 
 lf = lever_folder()
 if len(lf.ports) < 2:
     raise SystemExit("name at least two ports of DIR/ports to average")
-docs = read_documents(get_task(lf.task, lf.shared, lf.out / "tasks").train)[-1:]
-
-
-def loss(model) -> float:
-    return text_loss(model, lf.tok_t, docs, seq_len=256, max_tokens=20000)["mean_loss"]
-
-
-base, retrained = loss(load_model(str(lf.zoo / lf.tgt))), loss(with_adapter(lf, lf.tgt))
+base = validation_loss(lf, load_model(str(lf.zoo / lf.tgt)))
+retrained = validation_loss(lf, with_adapter(lf, lf.tgt))
 model = PeftModel.from_pretrained(load_model(str(lf.zoo / lf.tgt)), str(lf.out / "ports" / lf.ports[0]),
                                   adapter_name="p0")
 names = [f"p{i}" for i in range(len(lf.ports))]
@@ -40,5 +31,5 @@ print(f"{lf.task} {lf.src}->{lf.tgt}: validation base {base:.3f}, retrained {ret
 print("| port | loss | gap recovered |\n|---|---:|---:|")
 for name, port in [*zip(names, lf.ports), ("mean", f"the mean of {len(names)}")]:
     model.set_adapter(name)
-    value = loss(model)
+    value = validation_loss(lf, model)
     print(f"| {port} | {value:.3f} | {(base - value) / (base - retrained):.3f} |", flush=True)

@@ -23,13 +23,11 @@ import torch.nn.functional as F
 from peft import PeftModel
 
 from castlora.bench import BenchConfig
-from castlora.bench.tasks import get_task
-from castlora.corpus import read_corpus, read_documents
-from castlora.evaluate import text_loss
+from castlora.corpus import read_corpus
 from castlora.models import load_model
 from castlora.safe_io import write_text_atomic
 from castlora.train_lora import train_lora
-from lever_folder import lever_folder, with_adapter
+from lever_folder import lever_folder, validation_loss, with_adapter
 
 lf = lever_folder(sys.argv[:5])
 budget = int(sys.argv[5])
@@ -81,14 +79,8 @@ def take(order) -> list[str]:
 best = take(gain.argsort(descending=True).tolist())
 shuffled = list(range(len(units)))
 random.Random(cfg.seed).shuffle(shuffled)
-docs = read_documents(get_task(lf.task, lf.shared, lf.out / "tasks").train)[-1:]
-
-
-def loss(model) -> float:
-    return text_loss(model, lf.tok_t, docs, seq_len=256, max_tokens=20000)["mean_loss"]
-
-
-base, retrained = loss(load_model(str(lf.zoo / lf.tgt))), loss(with_adapter(lf, lf.tgt))
+base = validation_loss(lf, load_model(str(lf.zoo / lf.tgt)))
+retrained = validation_loss(lf, with_adapter(lf, lf.tgt))
 print(f"{lf.task} {lf.src}->{lf.tgt}: {len(units):,} paragraphs of general/train scored by the {lf.src} LoRA's gain "
       f"(mean {gain.mean():.3f} nats/token, best kept {gain.sort(descending=True).values[len(best) - 1]:.3f}+); "
       f"validation base {base:.3f}, retrained {retrained:.3f}")
@@ -99,7 +91,7 @@ for name, texts in (("selected", best), ("random", take(shuffled))):
     train_lora(str(lf.zoo / lf.tgt), str(data), str(adapter), steps=cfg.lora_steps, rank=cfg.lora_rank,
                alpha=2 * cfg.lora_rank, targets=cfg.lora_targets, lr=cfg.lr, batch_size=8, seq_len=cfg.seq_len,
                seed=cfg.seed, overwrite=True, progress=False, log=lambda *a: None)
-    tuned = loss(PeftModel.from_pretrained(load_model(str(lf.zoo / lf.tgt)), str(adapter)).eval())
+    tuned = validation_loss(lf, PeftModel.from_pretrained(load_model(str(lf.zoo / lf.tgt)), str(adapter)).eval())
     print(f"  {name}: {len(texts):,} paragraphs, fine-tuned validation loss {tuned:.3f}, "
           f"gap recovered {(base - tuned) / (base - retrained):.3f}")
 print("the five paragraphs the LoRA likes best:")
