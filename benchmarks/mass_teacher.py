@@ -1,0 +1,52 @@
+"""A teacher lever tried outside the library first: the source LoRA's effect added in probability,
+not in log-probability. CAST's teachers add the LoRA's log-ratio, log p_S+LoRA - log p_S, to a base;
+session 20 (docs/results.md) found that this log-ratio does not carry to the target's base (the delta
+teacher is the worst teacher) and that the teacher's base must be the target's. A log-ratio is
+largest where the source gives a piece almost nothing, so on another model's base it moves pieces
+that base already rates; a change of mass moves only what the LoRA moves on the source. Here
+
+    p = p_S+LoRA + W (p_T - p_S), floored at 1e-8 and renormalised
+
+(W = 1: the target's distribution plus the mass the LoRA moves on the source; W = 0.5: the blend's
+analogue). Arguments as levers.py, whose code runs unchanged after the teacher is swapped; use
+`teacher=source` so auto does not measure the source:
+
+  OMP_NUM_THREADS=1 python benchmarks/mass_teacher.py --weight 1 shakespeare neox llama runs/lev_nl \
+      'mass_w1:teacher=source,generate=1200,mix=1'
+"""
+
+import runpy
+import sys
+from pathlib import Path
+
+import torch
+
+import castlora.train as train
+from castlora.cast_module import deltas_off
+from castlora.closed_form import gather_aligned
+from castlora.losses import shared_log_probs
+
+weight = 1.0
+if "--weight" in sys.argv:
+    i = sys.argv.index("--weight")
+    weight = float(sys.argv[i + 1])
+    del sys.argv[i:i + 2]
+source_side = train.teacher_outputs
+
+
+def mass_outputs(source, source_inner, target, wrappers, ports, batch, cols, teacher, tau, want_z, *args, **kw):
+    """The source side as CAST computes it, with the teacher p_S+LoRA + W (p_T - p_S)."""
+    with_lora = source_side(source, source_inner, target, wrappers, ports, batch, cols, "source", tau, want_z)
+    base = source_side(source, source_inner, target, wrappers, ports, batch, cols, "source_base", tau, False)
+    with torch.no_grad(), deltas_off(wrappers):
+        logits = target(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
+        lp_t = shared_log_probs(gather_aligned(logits, batch.pos_t, batch.pos_mask), cols.ids_t, tau)
+        p = with_lora.logp.exp().to(lp_t.device) + weight * (lp_t.exp() - base.logp.exp().to(lp_t.device))
+        p = p.clamp_min(1e-8)
+        logp = (p / p.sum(-1, keepdim=True)).log()
+    return train.TeacherOutput(logp=logp, z=with_lora.z)
+
+
+train.teacher_outputs = mass_outputs
+sys.argv = [str(Path(__file__).with_name("levers.py"))] + sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
