@@ -1,6 +1,7 @@
 """The command line of the diagnostics that read a levers.py folder: TASK SRC TGT DIR [PORT...].
 DIR holds DIR/loras/{model}_{task} and DIR/ports/NAME; the zoo and data come from CASTLORA_SHARED."""
 
+import runpy
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -8,6 +9,7 @@ from types import SimpleNamespace
 import torch
 from peft import PeftModel
 
+import castlora.train as train
 from castlora.bench.tasks import get_task
 from castlora.closed_form import gather_aligned
 from castlora.corpus import make_chunks, read_corpus, read_documents
@@ -88,3 +90,22 @@ def with_adapter(lf: SimpleNamespace, model_name: str, port: str | None = None):
     DIR/ports/`port`."""
     path = lf.out / "ports" / port if port else lf.out / "loras" / f"{model_name}_{lf.task}"
     return PeftModel.from_pretrained(load_model(str(lf.zoo / model_name)), str(path)).eval()
+
+
+def pop_option(flag: str, default: float) -> float:
+    """`flag VALUE` taken out of sys.argv (so the rest is levers.py's command line): VALUE, else `default`."""
+    if flag not in sys.argv:
+        return default
+    i = sys.argv.index(flag)
+    value = float(sys.argv[i + 1])
+    del sys.argv[i:i + 2]
+    return value
+
+
+def levers_with_teacher(teacher_outputs) -> None:
+    """Run levers.py on sys.argv with `castlora.train.teacher_outputs` swapped for `teacher_outputs` (same
+    signature): every step, the start's scale and the held-out KL then see that teacher; nothing else changes."""
+    train.teacher_outputs = teacher_outputs
+    levers = str(Path(__file__).with_name("levers.py"))
+    sys.argv = [levers] + sys.argv[1:]
+    runpy.run_path(levers, run_name="__main__")

@@ -15,28 +15,22 @@ analogue). Arguments as levers.py, whose code runs unchanged after the teacher i
       'mass_w1:teacher=source,generate=1200,mix=1'
 """
 
-import runpy
-import sys
-from pathlib import Path
-
 import torch
 
 import castlora.train as train
 from castlora.cast_module import deltas_off
 from castlora.closed_form import gather_aligned
 from castlora.losses import shared_log_probs
+from lever_folder import levers_with_teacher, pop_option
 
-weight = 1.0
-if "--weight" in sys.argv:
-    i = sys.argv.index("--weight")
-    weight = float(sys.argv[i + 1])
-    del sys.argv[i:i + 2]
+weight = pop_option("--weight", 1.0)
 source_side = train.teacher_outputs
 
 
 def mass_outputs(source, source_inner, target, wrappers, ports, batch, cols, teacher, tau, want_z, *args, **kw):
     """The source side as CAST computes it, with the teacher p_S+LoRA + W (p_T - p_S)."""
     with_lora = source_side(source, source_inner, target, wrappers, ports, batch, cols, "source", tau, want_z)
+    # runs the LoRA side once more (teacher_outputs returns one distribution): a diagnostic, kept simple
     base = source_side(source, source_inner, target, wrappers, ports, batch, cols, "source_base", tau, False)
     with torch.no_grad(), deltas_off(wrappers):
         logits = target(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
@@ -47,6 +41,4 @@ def mass_outputs(source, source_inner, target, wrappers, ports, batch, cols, tea
     return train.TeacherOutput(logp=logp, z=with_lora.z)
 
 
-train.teacher_outputs = mass_outputs
-sys.argv = [str(Path(__file__).with_name("levers.py"))] + sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+levers_with_teacher(mass_outputs)

@@ -23,7 +23,6 @@ port ends farther from the teacher) see the oracle too.
 """
 
 import contextlib
-import runpy
 import sys
 from pathlib import Path
 
@@ -36,12 +35,9 @@ from castlora.demo import shared_dir
 from castlora.losses import delta_teacher, shared_log_probs
 from castlora.models import load_model, load_tokenizer
 from castlora.tokens import shared_vocab
+from lever_folder import levers_with_teacher, pop_option
 
-source_base = 0.0
-if "--source-base" in sys.argv:
-    i = sys.argv.index("--source-base")
-    source_base = float(sys.argv[i + 1])
-    del sys.argv[i:i + 2]
+source_base = pop_option("--source-base", 0.0)
 on_source = source_base != 0
 task, src, tgt, out = sys.argv[1:5]
 zoo = shared_dir(None) / "zoo"
@@ -71,6 +67,4 @@ def oracle_outputs(source, source_inner, target, wrappers, ports, batch, cols, t
     return train.TeacherOutput(logp=logp, z=side.z if want_z else None)
 
 
-train.teacher_outputs = oracle_outputs
-sys.argv = [str(Path(__file__).with_name("levers.py"))] + sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+levers_with_teacher(oracle_outputs)
