@@ -10,6 +10,7 @@ import torch
 from peft import PeftModel
 
 import castlora.train as train
+from castlora.cast_module import deltas_off
 from castlora.bench.tasks import get_task
 from castlora.closed_form import gather_aligned
 from castlora.corpus import make_chunks, read_corpus, read_documents
@@ -109,3 +110,16 @@ def levers_with_teacher(teacher_outputs) -> None:
     levers = str(Path(__file__).with_name("levers.py"))
     sys.argv = [levers] + sys.argv[1:]
     runpy.run_path(levers, run_name="__main__")
+
+
+def teacher_parts(source_side, source, source_inner, target, wrappers, ports, batch, cols, tau, want_z):
+    """The three distributions every CAST teacher is made of, at the aligned positions over the shared vocabulary:
+    (source+LoRA's TeacherOutput, with the kernels' inputs z when `want_z`; the source base's log-probs; the target
+    base's, its ported deltas off). `source_side` is the library's teacher_outputs. The LoRA side runs twice
+    (teacher_outputs returns one distribution): for the diagnostics that build a teacher from the parts."""
+    with_lora = source_side(source, source_inner, target, wrappers, ports, batch, cols, "source", tau, want_z)
+    base = source_side(source, source_inner, target, wrappers, ports, batch, cols, "source_base", tau, False)
+    with torch.no_grad(), deltas_off(wrappers):
+        logits = target(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
+        lp_t = shared_log_probs(gather_aligned(logits, batch.pos_t, batch.pos_mask), cols.ids_t, tau)
+    return with_lora, base.logp.to(lp_t.device), lp_t

@@ -18,10 +18,7 @@ analogue). Arguments as levers.py, whose code runs unchanged after the teacher i
 import torch
 
 import castlora.train as train
-from castlora.cast_module import deltas_off
-from castlora.closed_form import gather_aligned
-from castlora.losses import shared_log_probs
-from lever_folder import levers_with_teacher, pop_option
+from lever_folder import levers_with_teacher, pop_option, teacher_parts
 
 weight = pop_option("--weight", 1.0)
 source_side = train.teacher_outputs
@@ -29,13 +26,10 @@ source_side = train.teacher_outputs
 
 def mass_outputs(source, source_inner, target, wrappers, ports, batch, cols, teacher, tau, want_z, *args, **kw):
     """The source side as CAST computes it, with the teacher p_S+LoRA + W (p_T - p_S)."""
-    with_lora = source_side(source, source_inner, target, wrappers, ports, batch, cols, "source", tau, want_z)
-    # runs the LoRA side once more (teacher_outputs returns one distribution): a diagnostic, kept simple
-    base = source_side(source, source_inner, target, wrappers, ports, batch, cols, "source_base", tau, False)
-    with torch.no_grad(), deltas_off(wrappers):
-        logits = target(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
-        lp_t = shared_log_probs(gather_aligned(logits, batch.pos_t, batch.pos_mask), cols.ids_t, tau)
-        p = with_lora.logp.exp().to(lp_t.device) + weight * (lp_t.exp() - base.logp.exp().to(lp_t.device))
+    with_lora, lp_base, lp_t = teacher_parts(source_side, source, source_inner, target, wrappers, ports, batch,
+                                             cols, tau, want_z)
+    with torch.no_grad():
+        p = with_lora.logp.exp().to(lp_t.device) + weight * (lp_t.exp() - lp_base.exp())
         p = p.clamp_min(1e-8)
         logp = (p / p.sum(-1, keepdim=True)).log()
     return train.TeacherOutput(logp=logp, z=with_lora.z)

@@ -231,10 +231,22 @@ RUNS = {
        for run, pair, task in [
            ("m47a", "neox->llama", "shakespeare"), ("m47b", "mistral->llama", "shakespeare"),
            ("m47c", "neox->llama", "kjv"), ("m47d", "mistral->llama", "kjv")]},
+    # session 21: the exact-match recipe with auto at 400 steps instead of 100 (chosen on validation names: greet
+    # llama->mistral +0.093, mistral->llama +0.027), each with its control; the LoRAs of m38a, m38e, m39c and m39g
+    **side_by_side("m48a", "m48b", "llama->mistral", "greet", EXACT_AUTO, cast_steps=400, generate=-1, mix=1.0),
+    **side_by_side("m48c", "m48d", "mistral->llama", "greet", EXACT_AUTO, cast_steps=400, generate=-1, mix=1.0),
+    **side_by_side("m48e", "m48f", "neox->llama", "greet", EXACT_AUTO, cast_steps=400, generate=-1, mix=1.0),
+    **side_by_side("m48g", "m48h", "llama->neox", "greet", EXACT_AUTO, cast_steps=400, generate=-1, mix=1.0),
+    # and a second CAST seed of each (cast_seed: the tasks and LoRAs stay seed 0's; the LoRAs of m48a, c, e and g)
+    **{run: dict(pairs=[pair], tasks=["greet"], methods=[EXACT_AUTO[0]], cast_steps=400, generate=-1, mix=1.0,
+                 cast_seed=1)
+       for run, pair in [("m49a", "llama->mistral"), ("m49b", "mistral->llama"), ("m49c", "neox->llama"),
+                         ("m49d", "llama->neox")]},
 }
 
 name = sys.argv[1]
 # Every run here trained at the --mix of its day, a third of the stream generated (the default before session 14),
-# except the rows whose method names its own (cast_auto_gen_all and its control: every text generated).
+# except the rows whose method names its own (cast_auto_gen_all and its control: every text generated); and every
+# run's cast_steps hold for its exact-match tasks too (exact_cast_steps 0), as before session 21.
 bench(BenchConfig(out=f"runs/{name}", lora_steps=150, batch_size=8, seq_len=128, eval_tokens=30000,
-                  **{"mix": 1 / 3, **RUNS[name]}))
+                  **{"mix": 1 / 3, "exact_cast_steps": 0, **RUNS[name]}))

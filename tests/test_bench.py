@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from castlora.bench import BenchConfig
 from castlora.bench.report import markdown_table, plot_gap
 from castlora.bench.tasks import make_echo, make_facts, make_greet
 from castlora.evaluate import retention
@@ -126,3 +127,11 @@ def test_every_bench_method_is_valid_translate_options_with_its_control_beside_i
         cast = "cast_" + control.removeprefix("imitation_")
         assert METHODS[control] == {**METHODS[cast], "teacher_lora": False}
     assert METHODS["cast_auto_gen"]["teacher"] == "auto" and METHODS["imitation_gen"]["teacher"] == "source_base"
+
+
+def test_exact_match_tasks_get_their_own_cast_steps_unless_zero():
+    cfg = BenchConfig(cast_steps=150, exact_cast_steps=400)
+    assert (cfg.steps_for("lm"), cfg.steps_for("exact")) == (150, 400)
+    assert BenchConfig(cast_steps=150, exact_cast_steps=0).steps_for("exact") == 150
+    quick = BenchConfig.quick()  # the smoke run stays small whatever tasks it is given
+    assert quick.steps_for("exact") == quick.cast_steps == 20

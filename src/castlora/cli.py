@@ -80,7 +80,8 @@ def cmd_bench(args) -> int:
     from .bench import BenchConfig, bench
 
     kw = {k: v for k, v in dict(out=args.out, shared=args.shared, pairs=args.pairs, tasks=args.tasks,
-                                methods=args.methods, cast_steps=args.cast_steps, device=args.device,
+                                methods=args.methods, cast_steps=args.cast_steps,
+                                exact_cast_steps=args.exact_cast_steps, device=args.device,
                                 dtype=args.dtype, seed=args.seed, cast_seed=args.cast_seed).items() if v is not None}
     cfg = BenchConfig.quick(**kw) if args.quick else BenchConfig(**kw)
     table = bench(cfg)
@@ -155,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+")
     p.add_argument("--methods", nargs="+")
     p.add_argument("--cast-steps", type=int)
+    p.add_argument("--exact-cast-steps", type=int, help="CAST steps on the exact-match tasks (default 400; 0: "
+                                                        "--cast-steps)")
     p.add_argument("--device")
     p.add_argument("--dtype")
     p.add_argument("--seed", type=int, help="the tasks' splits, the LoRAs and the CAST runs (default 0)")
