@@ -5,10 +5,11 @@ of the gap the blend misses (the oracle's effect on it loses 0.13). Where the Lo
 teaches only the source base's habits (the imitation control's signal), and the best estimate of the
 target with its LoRA there is the target itself. So here
 
-    w = w0 + (1 - w0) exp(-e / (K mean(e))),   e = KL(S+LoRA || S) at the position,
+    w = w0 + (w_idle - w0) exp(-e / (K mean(e))),   e = KL(S+LoRA || S) at the position,
 
-w0 the blend's 0.5 (`--w0`): the target base where the LoRA does nothing, the blend where it acts the
-most; K (`--scale`) says how fast, in units of the batch's mean effect. Arguments as levers.py, whose code
+w0 the blend's 0.5 (`--w0`), w_idle 1 (`--w-idle`): the target base where the LoRA does nothing, the blend
+where it acts the most; K (`--scale`) says how fast, in units of the batch's mean effect. `--w-idle` below
+w0 gates the other way: more of the source where the LoRA is idle. Arguments as levers.py, whose code
 runs unchanged after the teacher is swapped; use `teacher=source` so auto does not measure the source:
 
   OMP_NUM_THREADS=1 python benchmarks/gated_teacher.py --scale 1 shakespeare neox llama runs/lev_nl \
@@ -23,6 +24,7 @@ from castlora.losses import lora_effect
 from lever_folder import levers_with_teacher, pop_option, teacher_parts
 
 w0 = pop_option("--w0", 0.5)
+w_idle = pop_option("--w-idle", 1.0)
 scale = pop_option("--scale", 1.0)
 source_side = train.teacher_outputs
 seen = []  # the mean w of every teacher batch, printed at the end
@@ -35,12 +37,12 @@ def gated_outputs(source, source_inner, target, wrappers, ports, batch, cols, te
     with torch.no_grad():
         lp_lora = with_lora.logp.to(lp_t.device)
         effect = lora_effect(lp_lora, lp_base)
-        w = w0 + (1 - w0) * torch.exp(-effect / (scale * effect.mean()).clamp_min(1e-12))
+        w = w0 + (w_idle - w0) * torch.exp(-effect / (scale * effect.mean()).clamp_min(1e-12))
         seen.append(float(w.mean()))
         logp = F.log_softmax(lp_lora + w.unsqueeze(-1) * (lp_t - lp_base), dim=-1)
     return train.TeacherOutput(logp=logp, z=with_lora.z)
 
 
 levers_with_teacher(gated_outputs)
-print(f"gated teacher (w0 {w0:g}, scale {scale:g}): mean w {sum(seen) / max(1, len(seen)):.3f} over "
+print(f"gated teacher (w0 {w0:g}, w_idle {w_idle:g}, scale {scale:g}): mean w {sum(seen) / max(1, len(seen)):.3f} over "
       f"{len(seen)} teacher batches; {'nan' if not seen else f'{min(seen):.3f}-{max(seen):.3f}'}", flush=True)

@@ -242,6 +242,8 @@ RUNS = {
                  cast_seed=1)
        for run, pair in [("m49a", "llama->mistral"), ("m49b", "mistral->llama"), ("m49c", "neox->llama"),
                          ("m49d", "llama->neox")]},
+    # echo llama->neox with its recipe (the delta teacher) at 400 steps, with its control (the LoRAs of m36c)
+    **side_by_side("m50a", "m50b", "llama->neox", "echo", EXACT, cast_steps=400, generate=-1, mix=1.0),
 }
 
 name = sys.argv[1]
