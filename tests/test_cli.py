@@ -172,3 +172,11 @@ def test_bench_flags_reach_the_config(tmp_path, monkeypatch):
     assert main(["bench", "--out", out]) == 0
     assert (seen[0].seed, seen[0].cast_seed, seen[0].pairs, seen[0].out) == (2, 5, ["llama->neox"], out)
     assert (seen[1].seed, seen[1].cast_seed) == (0, -1) and len(seen[1].pairs) == 5
+    assert main(["bench", "--out", out, "--cast-steps", "1000", "--exact-cast-steps", "0"]) == 0
+    assert (seen[2].steps_for("lm"), seen[2].steps_for("exact"), seen[1].steps_for("exact")) == (1000, 1000, 400)
+
+
+def test_bench_refuses_negative_exact_cast_steps(tmp_path, capsys):
+    assert main(["bench", "--out", str(tmp_path / "b"), "--exact-cast-steps", "-1"]) == 2
+    assert "--exact-cast-steps must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

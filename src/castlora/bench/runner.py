@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..demo import shared_dir
+from ..errors import CastloraError
 from ..safe_io import write_text_atomic
 from ..corpus import read_documents
 from ..evaluate import completion_loss, exact_match, load_examples, retention, text_loss
@@ -142,6 +143,9 @@ def bench(cfg: BenchConfig, log=print) -> dict:
     from ..train_lora import train_lora
     from ..translate import translate
 
+    if cfg.exact_cast_steps < 0:
+        raise CastloraError(f"--exact-cast-steps must be >= 0 (0: --cast-steps on the exact-match tasks too), "
+                            f"not {cfg.exact_cast_steps}")
     root = shared_dir(cfg.shared)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -229,8 +233,8 @@ def bench(cfg: BenchConfig, log=print) -> dict:
                 t0 = time.perf_counter()
                 res = translate(source=zoo(src), adapter=src_lora, target=zoo(tgt), corpus=[general], out=str(port),
                                 strength_corpus=[held_out],
-                                **{"steps": cfg.steps_for(tasks[task].kind), "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
-                                   "device": cfg.device, "dtype": cfg.dtype,
+                                **{"steps": cfg.steps_for(tasks[task].kind), "batch_size": cfg.batch_size,
+                                   "seq_len": cfg.seq_len, "device": cfg.device, "dtype": cfg.dtype,
                                    "seed": cfg.seed if cfg.cast_seed < 0 else cfg.cast_seed, **opts},
                                 overwrite=True, progress=False, log=lambda *_: None)
                 rec = res.record
