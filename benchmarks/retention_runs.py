@@ -244,6 +244,8 @@ RUNS = {
                          ("m49d", "llama->neox")]},
     # echo llama->neox with its recipe (the delta teacher) at 400 steps, with its control (the LoRAs of m36c)
     **side_by_side("m50a", "m50b", "llama->neox", "echo", EXACT, cast_steps=400, generate=-1, mix=1.0),
+    # greet llama->mistral with the delta recipe at 400 steps (the bench's other exact-match row; LoRAs of m48a)
+    "m50c": dict(pairs=["llama->mistral"], tasks=["greet"], methods=[EXACT[0]], cast_steps=400, generate=-1, mix=1.0),
 }
 
 name = sys.argv[1]
