@@ -10,6 +10,7 @@ tokens) after a prefix of P tokens of generated text, against a prefix of genera
 
 DIR must hold the LoRAs (DIR/loras/{model}_{task}, as levers.py trains them)."""
 
+import math
 import random
 
 import torch
@@ -25,11 +26,11 @@ from castlora.models import load_model
 PREFIXES = (64, 128, 256, 380)  # target tokens; with a 128-token window the longest fits the zoo's 512
 
 
-def prefix_ids(tok, texts: list[str], first: int, n: int) -> list[int]:
-    """The last `n` target tokens of texts[first], texts[first + 1], ... joined by blank lines."""
+def prefix_ids(pieces: list[list[int]], first: int, n: int) -> list[int]:
+    """The last `n` tokens of pieces[first], pieces[first + 1], ... (each a text and a blank line, tokenized)."""
     ids, j = [], first
     while len(ids) < n:
-        ids += tok(texts[j % len(texts)] + "\n\n", add_special_tokens=False)["input_ids"]
+        ids += pieces[j % len(pieces)]
         j += 1
     return ids[len(ids) - n:] if n else []
 
@@ -39,8 +40,9 @@ def prefixed_loss(model, tok, windows: list[list[int]], texts: list[str], n: int
     """Mean loss on every window's tokens after the document start and `n` prefix tokens (3 texts apart per
     window, so windows see different prefixes)."""
     start, total, count = doc_start_id(tok), 0.0, 0
+    pieces = tok([t + "\n\n" for t in texts], add_special_tokens=False)["input_ids"]  # once, not per window
     for i, w in enumerate(windows):
-        head = [start] + prefix_ids(tok, texts, 3 * i, n)
+        head = [start] + prefix_ids(pieces, 3 * i, n)
         ids = torch.tensor([head + w])
         logits = model(input_ids=ids).logits[0, len(head) - 1:-1].float()
         total += float(F.cross_entropy(logits, ids[0, len(head):], reduction="sum"))
@@ -63,15 +65,18 @@ def main() -> None:
     r0 = prefixed_loss(retrained, lf.tok_t, windows, generated, 0)
     print(f"{lf.task} {lf.src}->{lf.tgt}: {len(windows)} validation windows of 128 tokens; no prefix: base {b0:.3f}, "
           f"retrained {r0:.3f}")
-    print("| prefix tokens | base after generated text (gap recovered) | base after general text (gap) | "
-          "retrained after generated text |")
+    print("| prefix tokens | base after generated text (ratio, gap recovered) | base after general text (ratio, "
+          "gap) | retrained after generated text |")
     print("|---:|---:|---:|---:|")
+
+    def scored(loss: float) -> str:  # against the retrained LoRA with no prefix, as levers.py scores a port
+        return f"{loss:.3f} ({math.exp(r0 - loss):.3f}, {(b0 - loss) / (b0 - r0):.3f})"
+
     for n in PREFIXES:
         g = prefixed_loss(base, lf.tok_t, windows, generated, n)
         p = prefixed_loss(base, lf.tok_t, windows, plain, n)
         r = prefixed_loss(retrained, lf.tok_t, windows, generated, n)
-        print(f"| {n} | {g:.3f} ({(b0 - g) / (b0 - r0):.3f}) | {p:.3f} ({(b0 - p) / (b0 - r0):.3f}) | {r:.3f} |",
-              flush=True)
+        print(f"| {n} | {scored(g)} | {scored(p)} | {r:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,9 @@ runs unchanged after the teacher is swapped; use `teacher=source` so auto does n
 """
 
 import torch
-import torch.nn.functional as F
 
 import castlora.train as train
-from castlora.losses import lora_effect
+from castlora.losses import delta_teacher, lora_effect
 from lever_folder import levers_with_teacher, pop_option, teacher_parts
 
 w0 = pop_option("--w0", 0.5)
@@ -39,10 +38,11 @@ def gated_outputs(source, source_inner, target, wrappers, ports, batch, cols, te
         effect = lora_effect(lp_lora, lp_base)
         w = w0 + (w_idle - w0) * torch.exp(-effect / (scale * effect.mean()).clamp_min(1e-12))
         seen.append(float(w.mean()))
-        logp = F.log_softmax(lp_lora + w.unsqueeze(-1) * (lp_t - lp_base), dim=-1)
+        logp = delta_teacher(lp_t, lp_lora, lp_base, w.unsqueeze(-1))
     return train.TeacherOutput(logp=logp, z=with_lora.z)
 
 
 levers_with_teacher(gated_outputs)
-print(f"gated teacher (w0 {w0:g}, w_idle {w_idle:g}, scale {scale:g}): mean w {sum(seen) / max(1, len(seen)):.3f} over "
-      f"{len(seen)} teacher batches; {'nan' if not seen else f'{min(seen):.3f}-{max(seen):.3f}'}", flush=True)
+span = f"{min(seen):.3f}-{max(seen):.3f}" if seen else "nan"
+print(f"gated teacher (w0 {w0:g}, w_idle {w_idle:g}, scale {scale:g}): mean w "
+      f"{sum(seen) / max(1, len(seen)):.3f} over {len(seen)} teacher batches; {span}", flush=True)

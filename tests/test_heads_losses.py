@@ -227,6 +227,14 @@ def test_delta_weight_interpolates_between_source_and_delta_teachers():
     assert 0 < kl_divergence(half, lp_sl).item() < ends
 
 
+def test_delta_weight_per_position_is_each_row_at_its_own_weight():
+    lp_t, lp_s, lp_sl = _logp((3, 11), 0), _logp((3, 11), 1), _logp((3, 11), 2)
+    w = torch.tensor([[0.0], [0.5], [1.0]])
+    rows = delta_teacher(lp_t, lp_sl, lp_s, w)
+    for i, wi in enumerate((0.0, 0.5, 1.0)):
+        torch.testing.assert_close(rows[i], delta_teacher(lp_t[i], lp_sl[i], lp_s[i], wi))
+
+
 def test_lora_weight_scales_the_lora_effect_in_every_teacher():
     lp_t, lp_s, lp_sl = _logp((6, 11), 0), _logp((6, 11), 1), _logp((6, 11), 2)
     for w in (0.0, 0.5, 1.0):

@@ -32,7 +32,8 @@ def shared_log_probs(logits: torch.Tensor, vocab_ids: torch.Tensor | None, tau: 
 
 
 def delta_teacher(logp_target_base: torch.Tensor | None, logp_source_lora: torch.Tensor,
-                  logp_source_base: torch.Tensor, weight: float = 1.0, lora_weight: float = 1.0) -> torch.Tensor:
+                  logp_source_base: torch.Tensor, weight: float | torch.Tensor = 1.0,
+                  lora_weight: float = 1.0) -> torch.Tensor:
     """log p = log p_T + (log p_S+LoRA - log p_S), renormalised: T's own distribution, tilted by
     exactly what the LoRA changes on S. With a zero LoRA it is p_T itself.
 
@@ -43,11 +44,12 @@ def delta_teacher(logp_target_base: torch.Tensor | None, logp_source_lora: torch
     `lora_weight` a scales the LoRA's effect: log p = (1 - w) log p_S + w log p_T + a (log p_S+LoRA
     - log p_S). On shakespeare the teacher at a = 0.75 was closer to the target with its retrained
     LoRA than at 1 (benchmarks/teacher_oracle.py), yet trained worse ports; 1 is the default
-    (docs/results.md, session 9). `logp_target_base` may be None when w = 0."""
+    (docs/results.md, session 9). `logp_target_base` may be None when w = 0. `weight` may also be a tensor
+    of one w per position (shape (..., 1)), as benchmarks/gated_teacher.py sets it."""
     logp = logp_source_lora
     if lora_weight != 1:
         logp = logp_source_base + lora_weight * (logp_source_lora - logp_source_base)
-    if weight != 0:
+    if isinstance(weight, torch.Tensor) or weight != 0:
         logp = logp + weight * (logp_target_base - logp_source_base)
     return F.log_softmax(logp, dim=-1)
 
