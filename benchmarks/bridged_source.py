@@ -23,7 +23,6 @@ it prints is the original source's, the variants run from S'.
 import json
 import random
 import re
-import runpy
 import shutil
 import sys
 import time
@@ -32,32 +31,21 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from castlora.closed_form import gather_aligned
 from castlora.corpus import make_chunks, read_corpus, read_documents
 from castlora.demo import shared_dir
 from castlora.evaluate import text_loss
 from castlora.generate import sample_texts
-from castlora.losses import kl_divergence, shared_log_probs
+from castlora.losses import kl_divergence
 from castlora.models import load_model, load_tokenizer
 from castlora.safe_io import write_text_atomic
 from castlora.tokens import encode_pair, shared_vocab
 from castlora.bench.tasks import get_task
 from castlora.translate import translate  # noqa: F401  (loads the module patched below)
-from lever_folder import pop_option
+from lever_folder import aligned_logp, pop_option, pop_string, run_levers
 
 BATCH, SEQ = 8, 128
 steps = int(pop_option("--bridge-steps", 200))
 lr = pop_option("--bridge-lr", 1e-4)
-
-
-def pop_string(flag: str, default: str) -> str:
-    """`flag VALUE` taken out of sys.argv (so the rest is levers.py's command line): VALUE, else `default`."""
-    if flag not in sys.argv:
-        return default
-    i = sys.argv.index(flag)
-    value = sys.argv[i + 1]
-    del sys.argv[i:i + 2]
-    return value
 
 
 part = pop_string("--bridge-params", "")  # a regex over the source's parameter names; "" = every weight
@@ -73,15 +61,10 @@ tok_s, tok_t = load_tokenizer(str(zoo / src)), load_tokenizer(str(zoo / tgt))
 vocab = shared_vocab(tok_s, tok_t)
 
 
-def aligned_logp(model, b, side: str) -> torch.Tensor:
-    ids, mask, pos, cols = (b.ids_s, b.mask_s, b.pos_s, vocab.ids_s) if side == "s" else \
-        (b.ids_t, b.mask_t, b.pos_t, vocab.ids_t)
-    return shared_log_probs(gather_aligned(model(input_ids=ids, attention_mask=mask).logits, pos, b.pos_mask), cols)
-
-
 @torch.no_grad()
 def held_out_kl(student, target, batches) -> float:
-    kls = [kl_divergence(aligned_logp(target, b, "t"), aligned_logp(student, b, "s")).item() for b in batches]
+    kls = [kl_divergence(aligned_logp(target, b, "t", vocab), aligned_logp(student, b, "s", vocab)).item()
+           for b in batches]
     return sum(kls) / len(kls)
 
 
@@ -121,8 +104,8 @@ def bridge() -> None:
     t0 = time.perf_counter()
     for i, b in enumerate(train_b):
         with torch.no_grad():
-            lp_t = aligned_logp(target, b, "t")
-        loss = kl_divergence(lp_t, aligned_logp(student, b, "s"))
+            lp_t = aligned_logp(target, b, "t", vocab)
+        loss = kl_divergence(lp_t, aligned_logp(student, b, "s", vocab))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
@@ -159,6 +142,4 @@ def from_bridged(*args, **kw):
 
 
 translate_module.translate = from_bridged
-levers = str(Path(__file__).with_name("levers.py"))
-sys.argv = [levers] + sys.argv[1:]
-runpy.run_path(levers, run_name="__main__")
+run_levers()

@@ -64,19 +64,19 @@ def validation_batches(lf: SimpleNamespace) -> dict:
             for k, v in texts.items()}
 
 
+def aligned_logp(model, batch, side: str, vocab) -> torch.Tensor:
+    """`model`'s log-probs over the shared vocabulary at the aligned positions of one pair batch, read on the
+    source (`side` "s") or target ("t") side; with gradients, for whoever trains `model`."""
+    ids_in, mask, pos, cols = (batch.ids_s, batch.mask_s, batch.pos_s, vocab.ids_s) if side == "s" else \
+        (batch.ids_t, batch.mask_t, batch.pos_t, vocab.ids_t)
+    logits = model(input_ids=ids_in, attention_mask=mask).logits
+    return shared_log_probs(gather_aligned(logits, pos, batch.pos_mask), cols)
+
+
 @torch.no_grad()
 def aligned_log_probs(model, side: str, batches: dict, vocab) -> dict[str, list[torch.Tensor]]:
-    """`model`'s log-probs over the shared vocabulary at the aligned positions of every batch, read on
-    the source (`side` "s") or target ("t") side."""
-    ids = vocab.ids_s if side == "s" else vocab.ids_t
-    res = {}
-    for name, bs in batches.items():
-        res[name] = []
-        for b in bs:
-            ids_in, mask, pos = (b.ids_s, b.mask_s, b.pos_s) if side == "s" else (b.ids_t, b.mask_t, b.pos_t)
-            logits = model(input_ids=ids_in, attention_mask=mask).logits
-            res[name].append(shared_log_probs(gather_aligned(logits, pos, b.pos_mask), ids))
-    return res
+    """aligned_logp for every batch of every named list of batches."""
+    return {name: [aligned_logp(model, b, side, vocab) for b in bs] for name, bs in batches.items()}
 
 
 def validation_loss(lf: SimpleNamespace, model) -> float:
@@ -93,23 +93,34 @@ def with_adapter(lf: SimpleNamespace, model_name: str, port: str | None = None):
     return PeftModel.from_pretrained(load_model(str(lf.zoo / model_name)), str(path)).eval()
 
 
-def pop_option(flag: str, default: float) -> float:
+def pop_string(flag: str, default: str | None) -> str | None:
     """`flag VALUE` taken out of sys.argv (so the rest is levers.py's command line): VALUE, else `default`."""
     if flag not in sys.argv:
         return default
     i = sys.argv.index(flag)
-    value = float(sys.argv[i + 1])
+    value = sys.argv[i + 1]
     del sys.argv[i:i + 2]
     return value
+
+
+def pop_option(flag: str, default: float) -> float:
+    """pop_string for a number."""
+    value = pop_string(flag, None)
+    return default if value is None else float(value)
+
+
+def run_levers() -> None:
+    """Run levers.py on sys.argv in this process, so that whatever the caller patched first applies."""
+    levers = str(Path(__file__).with_name("levers.py"))
+    sys.argv = [levers] + sys.argv[1:]
+    runpy.run_path(levers, run_name="__main__")
 
 
 def levers_with_teacher(teacher_outputs) -> None:
     """Run levers.py on sys.argv with `castlora.train.teacher_outputs` swapped for `teacher_outputs` (same
     signature): every step, the start's scale and the held-out KL then see that teacher; nothing else changes."""
     train.teacher_outputs = teacher_outputs
-    levers = str(Path(__file__).with_name("levers.py"))
-    sys.argv = [levers] + sys.argv[1:]
-    runpy.run_path(levers, run_name="__main__")
+    run_levers()
 
 
 def teacher_parts(source_side, source, source_inner, target, wrappers, ports, batch, cols, tau, want_z):
