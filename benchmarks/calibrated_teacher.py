@@ -9,8 +9,10 @@ almost nothing gets a large f, which on a base that already rates it overshoots)
 
 so the teacher moves its base exactly as far as the LoRA moves the source there (found by bisection;
 KL(p || p_B) grows with a). w = 0 is the source teacher (a = 1), w = 1 (`--w`) the delta teacher with the
-LoRA's size calibrated, w = 0.5 the blend's base. Arguments as levers.py, whose code runs unchanged after the
-teacher is swapped; use `teacher=source` so auto does not measure the source:
+LoRA's size calibrated, w = 0.5 the blend's base. `--toward 1` moves the target's base toward p_S+LoRA
+instead, log p = (1 - a) log p_T + a log p_S+LoRA with a in [0, 1] at the same size (w and --a-max unused):
+the target where the LoRA is idle, S+LoRA's own distribution where it acts the most. Arguments as levers.py,
+whose code runs unchanged after the teacher is swapped; use `teacher=source` so auto does not measure the source:
 
   OMP_NUM_THREADS=1 python benchmarks/calibrated_teacher.py --w 1 shakespeare neox llama runs/lev_nl \
       'cal_w1:teacher=source,generate=1200,mix=1'
@@ -24,6 +26,9 @@ from lever_folder import levers_with_teacher, pop_option, teacher_parts
 
 w = pop_option("--w", 1.0)
 a_max = pop_option("--a-max", 4.0)
+toward = bool(pop_option("--toward", 0.0))
+if toward:
+    w, a_max = 1.0, 1.0
 source_side = train.teacher_outputs
 seen = []  # the mean a of every teacher batch, printed at the end
 
@@ -56,7 +61,7 @@ def calibrated_outputs(source, source_inner, target, wrappers, ports, batch, col
         lp_lora = with_lora.logp.to(lp_t.device)
         lp_s = lp_base.to(lp_t.device)
         logp_b = torch.log_softmax((1 - w) * lp_s + w * lp_t, dim=-1)
-        effect = lp_lora - lp_s
+        effect = lp_lora - logp_b if toward else lp_lora - lp_s
         a = calibrated_scale(logp_b, effect, lora_effect(lp_lora, lp_s))
         seen.append(float(a.mean()))
         logp = torch.log_softmax(logp_b + a.unsqueeze(-1) * effect, dim=-1)
@@ -65,5 +70,6 @@ def calibrated_outputs(source, source_inner, target, wrappers, ports, batch, col
 
 levers_with_teacher(calibrated_outputs)
 span = f"{min(seen):.3f}-{max(seen):.3f}" if seen else "nan"
-print(f"calibrated teacher (w {w:g}, a_max {a_max:g}): mean a {sum(seen) / max(1, len(seen)):.3f} over "
-      f"{len(seen)} teacher batches; {span}", flush=True)
+mean_a = sum(seen) / max(1, len(seen))
+print(f"calibrated teacher (w {w:g}, a_max {a_max:g}, toward {toward}): mean a {mean_a:.3f} over {len(seen)} teacher "
+      f"batches; {span}", flush=True)
