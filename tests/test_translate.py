@@ -393,6 +393,18 @@ def test_default_stream_is_all_generated_and_bad_mix_fails(folders, tmp_path):
     assert rec["config"]["prompt_tokens"] == 2 and rec["config"]["top_k"] == 0 and rec["generated_texts"] == 4
 
 
+def test_generate_batch_size_auto_on_cpu_explicit_and_bad(folders, tmp_path):
+    # 0 (auto) samples 16 texts at a time on the CPU; an explicit size is used and recorded, and the
+    # stream still holds every text it asked for
+    rec = _run(folders, tmp_path / "auto", steps=2).record
+    assert rec["config"]["generate_batch_size"] == 0 and rec["generate_batch_size"] == 16
+    rec = _run(folders, tmp_path / "one", steps=2, generate_batch_size=1).record
+    assert rec["generate_batch_size"] == 1 and rec["generated_texts"] == 4
+    with pytest.raises(CastloraError, match="--generate-batch-size must be >= 0"):
+        _run(folders, tmp_path / "bad", steps=2, generate_batch_size=-1)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_lora_scaled_scales_the_lora_for_sampling_and_restores_it(folders, tmp_path):
     pm = PeftModel.from_pretrained(load_model(str(folders["llama"])), str(folders["adapter"])).eval()
     x = torch.tensor([[1, 450, 4996, 17354, 1701, 29916]])

@@ -126,6 +126,10 @@ class TranslateConfig:
     generate_lora_weight: float = opt(1.0, "the LoRA's scale while --generate samples (1 = as trained; above 1 the "
                                            "text leans further toward what the LoRA does). The teacher keeps "
                                            "--lora-weight")
+    generate_batch_size: int = opt(0, "texts sampled at once by --generate; 0 = auto: 16 on the CPU, 128 on an "
+                                      "accelerator (decoding small models is launch-bound there, so a wider batch "
+                                      "costs about the same per token). The batch seeds the sampler, so another "
+                                      "size samples other (equally likely) texts")
     prompt_tokens: int = opt(8, "with --generate-from doc-start: how many tokens of each general document start a "
                                 "generated text (the rest of its --seq-len tokens the source writes with its LoRA)")
     generate_from: str = opt("doc-start", "prompts of --generate. doc-start: the first --prompt-tokens tokens "

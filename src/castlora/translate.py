@@ -46,6 +46,9 @@ MIN_ALIGNED_FRACTION = 0.2
 # generate (two source passes over each) and keeps the strongest: for 400 texts, 205,000 tokens, where a
 # trigger as rare as one in 10,000 tokens of general text still turns up about twenty times
 MINE_WINDOW, MINE_POOL = 64, 8
+# texts sampled at once by --generate when --generate-batch-size is 0 (auto): on an accelerator decoding these
+# models is launch-bound, so 128 texts cost about what 16 do per token; the CPU's 16 keeps older caches valid
+GENERATE_BATCH_CPU, GENERATE_BATCH_ACCELERATOR = 16, 128
 
 
 @dataclass
@@ -96,6 +99,9 @@ def check_inputs(cfg: TranslateConfig) -> None:
     if not 0 <= cfg.mix <= 1:
         raise CastloraError(f"--mix must be a fraction in [0, 1] (the most of the training texts that may be "
                             f"generated; 1 = all, 0 = none), not {cfg.mix}")
+    if cfg.generate_batch_size < 0:
+        raise CastloraError(f"--generate-batch-size must be >= 0 (0 = auto: 16 on the CPU, 128 on an accelerator), "
+                            f"not {cfg.generate_batch_size}")
     if not (math.isfinite(cfg.generate_lora_weight) and cfg.generate_lora_weight >= 0):
         raise CastloraError(f"--generate-lora-weight must be a finite number >= 0 (1 = the LoRA as trained), "
                             f"not {cfg.generate_lora_weight}")
@@ -158,12 +164,15 @@ def _training_texts(cfg, docs, tok_s, source, n_needed, log) -> tuple[list[str],
     if n_gen:
         t0 = time.perf_counter()
         saved = Path(cfg.teacher_cache) / "generated.json" if cfg.teacher_cache else None
+        on_cpu = next(source.parameters()).device.type == "cpu"
+        gen_batch = cfg.generate_batch_size or (GENERATE_BATCH_CPU if on_cpu else GENERATE_BATCH_ACCELERATOR)
         key = {"source": str(cfg.source), "adapter": _adapter_digest(cfg.adapter), "n": n_gen,
                "seq_len": cfg.seq_len, "top_k": cfg.top_k, "seed": cfg.seed,
                "prompts": text_digest(docs),
                **({"generate_from": cfg.generate_from} if cfg.generate_from != "doc-start" else {}),
                **({"prompt_tokens": cfg.prompt_tokens} if cfg.prompt_tokens != 8 else {}),
                **({"generate_lora_weight": cfg.generate_lora_weight} if cfg.generate_lora_weight != 1 else {}),
+               **({"generate_batch_size": gen_batch} if gen_batch != GENERATE_BATCH_CPU else {}),
                } if saved else None
         gen = None
         if saved and saved.exists():
@@ -183,11 +192,13 @@ def _training_texts(cfg, docs, tok_s, source, n_needed, log) -> tuple[list[str],
                     "max": effects[0], "median": effects[len(effects) // 2], "min": effects[-1]}})
             with lora_scaled(source, cfg.generate_lora_weight):
                 gen = sample_texts(source, tok_s, prompts, n_gen, max_new_tokens=cfg.seq_len, top_k=cfg.top_k,
-                                   prompt_tokens=prompt_tokens, seed=cfg.seed, progress=cfg.progress)
+                                   prompt_tokens=prompt_tokens, batch_size=gen_batch, seed=cfg.seed,
+                                   progress=cfg.progress)
             if saved:
                 saved.parent.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(saved, json.dumps({"key": key, "texts": gen}))
         info.update({"generated_texts": len(gen), "generated_chars": sum(map(len, gen)),
+                     "generate_batch_size": gen_batch,
                      "generation_seconds": round(time.perf_counter() - t0, 1)})
         log(f"generated {len(gen)} texts ({info['generated_chars']} chars) in {info['generation_seconds']} s")
         rng = random.Random(cfg.seed)
