@@ -20,7 +20,8 @@ from ..families import ModelSites, Site
 
 def _weight(model, site: Site) -> torch.Tensor:
     module = model.get_submodule(site.path)
-    w = getattr(module, "base_layer", module).weight.detach().double()
+    # on the CPU, where the LoRA's factors are: the models may sit on a GPU, or on several (--device-map)
+    w = getattr(module, "base_layer", module).weight.detach().to("cpu", torch.float64)
     w = w.t() if site.transposed else w  # as (out, in)
     return w if site.rows is None else w[site.rows]
 
