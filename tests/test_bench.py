@@ -8,7 +8,7 @@ import math
 import torch
 
 from castlora.bench import BenchConfig
-from castlora.bench.report import markdown_table, plot_gap
+from castlora.bench.report import bar_heights, markdown_table, plot_gap
 from castlora.bench.tasks import make_echo, make_facts, make_greet
 from castlora.evaluate import retention
 from conftest import shared_path
@@ -74,6 +74,11 @@ def test_report_table_and_chart(tmp_path):
     assert "| **mean** |" in md and "0.860 / 0.650" in md
     plot_gap({"rows": rows}, tmp_path / "g.png")
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+    # a method run on one cell only draws no bar in the others (not a full 1.5 bar), and values are clipped
+    rows.append({"pair": "a->b", "task": "t", "method": "cast0", "loss": 9.0, "ratio": 0.01, "gap_recovered": -4.0})
+    heights = bar_heights(rows, "cast0", ["a->b\nt", "a->b\ng"])
+    assert heights[0] == -1.0 and math.isnan(heights[1])
+    assert bar_heights(rows, "cast_source", ["a->b\nt", "a->b\ng"]) == [0.8, 0.5]
 
 
 def test_completion_loss_is_the_mean_loss_of_the_completion_tokens(tiny, zoo):

@@ -64,6 +64,17 @@ def _completion_table(rows: list[dict], methods: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bar_heights(rows: list[dict], method: str, cells: list[str]) -> list[float]:
+    """Gap recovered of `method` per cell, clipped to [-1, 1.5]; NaN (no bar) where the cell lacks the method.
+    (min/max with a NaN return the bound, which once drew every missing cell as a full 1.5 bar.)"""
+    vals = {f"{r['pair']}\n{r['task']}": r["gap_recovered"] for r in rows if r["method"] == method}
+    out = []
+    for c in cells:
+        v = vals.get(c)
+        out.append(float("nan") if v is None or v != v else max(-1.0, min(1.5, v)))
+    return out
+
+
 def plot_gap(table: dict, path: Path) -> None:
     try:
         import matplotlib
@@ -77,9 +88,7 @@ def plot_gap(table: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cells)), 4))
     w = 0.8 / max(1, len(methods))
     for i, m in enumerate(methods):
-        vals = {f"{r['pair']}\n{r['task']}": r["gap_recovered"] for r in rows if r["method"] == m}
-        ys = [max(-1.0, min(1.5, vals.get(c, float("nan")))) for c in cells]
-        ax.bar([x + i * w for x in range(len(cells))], ys, w, label=m)
+        ax.bar([x + i * w for x in range(len(cells))], bar_heights(rows, m, cells), w, label=m)
     ax.axhline(0.9, color="k", ls="--", lw=0.8)
     ax.axhline(0.0, color="k", lw=0.5)
     ax.set_xticks([x + 0.4 - w / 2 for x in range(len(cells))], cells, fontsize=8)
