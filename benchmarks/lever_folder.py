@@ -12,7 +12,6 @@ from peft import PeftModel
 import castlora.train as train
 from castlora.cast_module import deltas_off
 from castlora.bench.tasks import get_task
-from castlora.closed_form import gather_aligned
 from castlora.corpus import make_chunks, read_corpus, read_documents
 from castlora.demo import shared_dir
 from castlora.evaluate import text_loss
@@ -67,10 +66,10 @@ def validation_batches(lf: SimpleNamespace) -> dict:
 def aligned_logp(model, batch, side: str, vocab) -> torch.Tensor:
     """`model`'s log-probs over the shared vocabulary at the aligned positions of one pair batch, read on the
     source (`side` "s") or target ("t") side; with gradients, for whoever trains `model`."""
-    ids_in, mask, pos, cols = (batch.ids_s, batch.mask_s, batch.pos_s, vocab.ids_s) if side == "s" else \
-        (batch.ids_t, batch.mask_t, batch.pos_t, vocab.ids_t)
+    ids_in, mask, cols = (batch.ids_s, batch.mask_s, vocab.ids_s) if side == "s" else \
+        (batch.ids_t, batch.mask_t, vocab.ids_t)
     logits = model(input_ids=ids_in, attention_mask=mask).logits
-    return shared_log_probs(gather_aligned(logits, pos, batch.pos_mask), cols)
+    return shared_log_probs(batch.gather(logits, side), cols)
 
 
 @torch.no_grad()
@@ -132,5 +131,5 @@ def teacher_parts(source_side, source, source_inner, target, wrappers, ports, ba
     base = source_side(source, source_inner, target, wrappers, ports, batch, cols, "source_base", tau, False)
     with torch.no_grad(), deltas_off(wrappers):
         logits = target(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
-        lp_t = shared_log_probs(gather_aligned(logits, batch.pos_t, batch.pos_mask), cols.ids_t, tau)
+        lp_t = shared_log_probs(batch.gather(logits, "t"), cols.ids_t, tau)
     return with_lora, base.logp.to(lp_t.device), lp_t

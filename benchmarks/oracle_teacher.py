@@ -30,7 +30,6 @@ import torch
 from peft import PeftModel
 
 import castlora.train as train
-from castlora.closed_form import gather_aligned
 from castlora.demo import shared_dir
 from castlora.losses import delta_teacher, shared_log_probs
 from castlora.models import load_model, load_tokenizer
@@ -59,7 +58,7 @@ def oracle_outputs(source, source_inner, target, wrappers, ports, batch, cols, t
     def target_logp(lora: bool) -> torch.Tensor:
         with torch.no_grad(), (contextlib.nullcontext() if lora else oracle.disable_adapter()):
             logits = oracle(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
-        return shared_log_probs(gather_aligned(logits, batch.pos_t, batch.pos_mask), ids_t.to(logits.device), tau)
+        return shared_log_probs(batch.gather(logits, "t"), ids_t.to(logits.device), tau)
 
     logp = target_logp(True)
     if on_source:  # log p_T+LoRA_T + W (log p_S - log p_T): delta_teacher with the roles of S and T swapped

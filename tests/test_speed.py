@@ -16,7 +16,7 @@ import castlora
 from castlora.adapters import load_adapter
 from castlora.cast_module import attached, deltas_off
 from castlora.checkpointing import checkpointed_blocks
-from castlora.closed_form import gather_aligned, random_init
+from castlora.closed_form import random_init
 from castlora.errors import CastloraError
 from castlora.families import model_sites
 from castlora.losses import delta_teacher, kl_divergence, shared_log_probs, topk_kl
@@ -108,9 +108,10 @@ def test_every_teacher_is_a_blend_and_the_control_switches_only_the_lora_off(ste
             return teacher_outputs(pm, inner, tgt, wrappers, ports, batch, vocab, teacher, 1.0, False,
                                    delta_weight=w, teacher_lora=lora, lora_weight=a).logp
 
-        def logp(model, ids, mask, pos, cols):
+        def logp(model, ids, mask, pos, cols):  # gathered by boolean masks: a reference for batch.gather
             out = model(input_ids=ids, attention_mask=mask).logits
-            return shared_log_probs(gather_aligned(out, pos, batch.pos_mask), cols)
+            rows = torch.arange(pos.shape[0])[:, None].expand_as(pos)
+            return shared_log_probs(out[rows[batch.pos_mask], pos[batch.pos_mask]], cols)
 
         lp_sl = logp(pm, batch.ids_s, batch.mask_s, batch.pos_s, vocab.ids_s)
         with pm.disable_adapter():
@@ -169,6 +170,15 @@ def test_checkpointed_blocks_recompute_and_restore(monkeypatch):
     with torch.no_grad(), checkpointed_blocks(model, paths):
         model(inputs_embeds=x)  # no grad: no checkpoint, one call per block
     assert len(calls) == 7
+    # a block that already has an instance forward (accelerate's hook, under --device-map) gets it back,
+    # and the checkpointed forward runs through it
+    hooked_calls = []
+    hooked = lambda *a, **k: (hooked_calls.append(1), cls_forward(block, *a, **k))[1]  # noqa: E731
+    block.forward = hooked
+    with checkpointed_blocks(model, paths[:1]):
+        assert block.forward is not hooked
+        model(inputs_embeds=x).logits.sum().backward()
+    assert block.forward is hooked and len(hooked_calls) == 2  # forward, then the recomputation
 
 
 def test_bf16_autocast_step_runs_and_stays_close(step_parts):

@@ -184,6 +184,12 @@ def test_padding_and_truncation(toks):
     assert pb.num_aligned == int(pb.pos_mask.sum()) == 0 + 2 + 1 + int(pb.pos_mask[2].sum())
     moved = pb.to("cpu")
     assert isinstance(moved, PairBatch) and torch.equal(moved.pos_s, pb.pos_s)
+    assert torch.equal(moved.sel_t, pb.sel_t) and moved.num_aligned == pb.num_aligned  # the indices travel along
+    # gather by the precomputed indices == gather by the boolean mask, pair by pair and in the same order
+    for side, pos, width in (("s", pb.pos_s, pb.ids_s.shape[1]), ("t", pb.pos_t, pb.ids_t.shape[1])):
+        x = torch.randn(4, width, 3)
+        rows = torch.arange(4)[:, None].expand_as(pos)
+        assert torch.equal(pb.gather(x, side), x[rows[pb.pos_mask], pos[pb.pos_mask]])
 
 
 def test_shared_vocab(toks):

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import castlora
 from castlora.adapters import load_adapter
 from castlora.cast_module import PortedKernel, attached
-from castlora.closed_form import closed_form_init, gather_aligned, random_init
+from castlora.closed_form import closed_form_init, random_init
 from castlora.errors import CastloraError, CorpusError
 from castlora.export import export_peft, module_factors
 from castlora.families import model_sites
@@ -515,10 +515,10 @@ def test_delta_teacher_zero_lora_is_target_distribution(folders):
         with attached(tgt, ports) as wrappers, torch.no_grad():
             lp_teacher = teacher_outputs(source, inner, tgt, wrappers, ports, batch, vocab, "delta", 1.0, False).logp
             logits = tgt(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
-            lp_student = shared_log_probs(gather_aligned(logits, batch.pos_t, batch.pos_mask), vocab.ids_t, 1.0)
+            lp_student = shared_log_probs(batch.gather(logits, "t"), vocab.ids_t, 1.0)
         with torch.no_grad():  # the target's own distribution
             own = tgt(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
-        lp_own = shared_log_probs(gather_aligned(own, batch.pos_t, batch.pos_mask), vocab.ids_t, 1.0)
+        lp_own = shared_log_probs(batch.gather(own, "t"), vocab.ids_t, 1.0)
         return lp_teacher, lp_student, lp_own
 
     teacher, student, own = kl_at_init(folders["zero"])
@@ -671,6 +671,26 @@ def test_translate_with_a_multi_device_map_matches_single_device(folders, tmp_pa
     for k in a:  # the two forward paths differ in float rounding, which Adam's steps (lr 3e-2) amplify a little
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     assert sharded.record["config"]["device_map"]
+
+
+def test_device_map_with_checkpointing_weight_space_and_ridge_search(folders, tmp_path):
+    """The sharded path (here a map for the target alone: the source loads whole) with the options that touch
+    the modules themselves: gradient checkpointing (test_speed checks that it gives accelerate's hook back),
+    the weight-space baseline (which reads the disk-offloaded weights) and the ridge search of the scaled
+    start. Each must equal its single-device run."""
+    device_map = json.dumps({"gpt_neox.embed_in": "cpu", "gpt_neox.layers.0": "cpu", "gpt_neox.layers.1": "disk",
+                             "gpt_neox.final_layer_norm": "cpu", "gpt_neox.rotary_emb": "cpu", "lm_head": "cpu"})
+    target_only = json.dumps({"target": json.loads(device_map)})
+    for name, kw in (("ckpt", dict(steps=3, generate=0, gradient_checkpointing=True)),
+                     ("ws", dict(transfer="weight-space")),
+                     ("ridge", dict(steps=2, generate=0, init="scaled-ridge"))):
+        plain = _run(folders, tmp_path / f"{name}_plain", **kw)
+        sharded = _run(folders, tmp_path / f"{name}_sharded", device_map=target_only, **kw)
+        a = load_file(str(plain.out / "adapter_model.safetensors"))
+        b = load_file(str(sharded.out / "adapter_model.safetensors"))
+        assert a.keys() == b.keys() and len(a) > 0, name
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} {k}: {m}")
 
 
 def test_closed_form_on_the_same_model_is_the_identity(folders, tmp_path):

@@ -28,6 +28,12 @@ def execution_device(module: nn.Module) -> torch.device:
     return torch.device("cpu") if dev.type == "meta" else dev
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's inputs go: its input embedding's execution device (with --device-map the model's first
+    parameter may be offloaded, on the meta device)."""
+    return execution_device(model.get_input_embeddings())
+
+
 class PortedKernel(nn.Module):
     """A source kernel `s * B A` seen through its subspaces, with heads into/out of them.
 
@@ -137,7 +143,9 @@ def attached(model: nn.Module, ports: list[tuple[PortedKernel, Site]]) -> Iterat
             dev = execution_device(original)
             for port, _ in items:
                 port.to(dev)
-            wrapper = CastLinear(original, [p for p, _ in items], [s.rows for _, s in items])
+            # fused rows on the module's device once, not copied at every forward (a host-device sync there)
+            rows = [None if s.rows is None else s.rows.to(dev) for _, s in items]
+            wrapper = CastLinear(original, [p for p, _ in items], rows)
             setattr(parent, name, wrapper)
             swapped.append((parent, name, original))
             wrappers.append(wrapper)

@@ -29,6 +29,9 @@ def checkpointed_blocks(model: nn.Module, block_paths: list[str], enabled: bool 
     use_cache = getattr(config, "use_cache", None)
     if config is not None:
         config.use_cache = False
+    # A block dispatched by accelerate (--device-map) has its hook as an instance `forward`: keep it to put back,
+    # or the block would lose the hook that moves its inputs and loads its offloaded weights.
+    saved = [block.__dict__.get("forward") for block in blocks]
     for block in blocks:
         original = block.forward
 
@@ -43,7 +46,10 @@ def checkpointed_blocks(model: nn.Module, block_paths: list[str], enabled: bool 
     try:
         yield
     finally:
-        for block in blocks:
-            del block.forward
+        for block, old in zip(blocks, saved):
+            if old is None:
+                del block.forward
+            else:
+                block.forward = old
         if config is not None:
             config.use_cache = use_cache

@@ -18,13 +18,6 @@ from .families import Site
 from .heads import ridge
 
 
-def gather_aligned(x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Rows of x (B x L x d) at positions pos (B x P) where mask (B x P) is True -> (N x d)."""
-    pos, mask = pos.to(x.device), mask.to(x.device)  # sharded models: x may live on any device
-    rows = torch.arange(pos.shape[0], device=x.device)[:, None].expand_as(pos)
-    return x[rows[mask], pos[mask]]  # advanced indexing: no (B, P, d) index tensor
-
-
 def _module_out(module, x: torch.Tensor, rows) -> torch.Tensor:
     base = getattr(module, "base_layer", module)  # a peft LoRA layer: its frozen base
     y = base(x.to(base.weight.dtype))
@@ -91,8 +84,8 @@ def accumulate_fits(ports: list[tuple[PortedKernel, Site]], source_inner, target
             target(input_ids=batch.ids_t, attention_mask=batch.mask_t)
         for (port, site), spath, (f_in, f_out) in zip(ports, source_paths, fits):
             src_mod, tgt_mod = source_inner.get_submodule(spath), target.get_submodule(site.path)
-            x_s = gather_aligned(cs.inputs[spath], batch.pos_s, batch.pos_mask)
-            x_t = gather_aligned(ct.inputs[site.path], batch.pos_t, batch.pos_mask)
+            x_s = batch.gather(cs.inputs[spath], "s")
+            x_t = batch.gather(ct.inputs[site.path], "t")
             y_s = _module_out(src_mod, x_s, port.source_rows).float()
             y_t = _module_out(tgt_mod, x_t, site.rows).float()
             dev = port.in_basis.device  # statistics live with the port (the target module's device)
@@ -112,7 +105,9 @@ def output_head_weights(ports: list[tuple[PortedKernel, Site]], fits: list[tuple
                         lam: float | None) -> list[torch.Tensor]:
     """Each port's closed-form output head at ridge `lam` (None: each head's cross-validated choice),
     restricted to the kernel's output basis."""
-    return [(f_out.solve(lam)[0] @ port.out_basis.double()).float() for (port, _), (_, f_out) in zip(ports, fits)]
+    # the statistics stay where accumulate_fits built them; attached() may since have moved the port (--device-map)
+    return [(f_out.solve(lam)[0].to(port.out_basis.device) @ port.out_basis.double()).float()
+            for (port, _), (_, f_out) in zip(ports, fits)]
 
 
 @torch.no_grad()
@@ -164,4 +159,4 @@ def zero_output_heads(ports: list[tuple[PortedKernel, Site]]) -> None:
         port.p_out.linear_part().zero_()
 
 
-__all__ = ["accumulate_fits", "apply_fits", "closed_form_init", "output_head_weights", "random_init", "zero_output_heads", "gather_aligned", "ridge"]
+__all__ = ["accumulate_fits", "apply_fits", "closed_form_init", "output_head_weights", "random_init", "zero_output_heads", "ridge"]

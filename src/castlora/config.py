@@ -142,7 +142,8 @@ class TranslateConfig:
                              ("doc-start", "lora-effect"))
     device: str = opt("cpu", "torch device")
     device_map: str = opt("", "load both models sharded through accelerate: 'auto' (all GPUs, then CPU) or a "
-                              "JSON module->device map; empty = everything on --device")
+                              "JSON module->device map, one for both models or {\"source\": {...}, \"target\": "
+                              "{...}} (a model left out loads whole on --device); empty = everything on --device")
     dtype: str = opt("float32", "model dtype (float32 on CPU; bfloat16 on GPU)")
     amp: str = opt("auto", "autocast the forward passes: auto = bf16 on CUDA, off elsewhere",
                    ("auto", "bf16", "fp16", "off"))

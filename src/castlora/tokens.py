@@ -162,11 +162,32 @@ class PairBatch:
     pos_s: torch.Tensor  # (B, P) long, 0 where pos_mask is False
     pos_t: torch.Tensor  # (B, P)
     pos_mask: torch.Tensor  # (B, P) bool
+    # The aligned pairs as integer indices, N each: the row, the source position, the target position.
+    # Computed once where the batch is built (on the CPU) and moved with it, so that gathering them costs
+    # no host-device sync: a boolean-mask index is a nonzero(), a sync, and a step gathers once per kernel.
+    sel_b: torch.Tensor | None = None
+    sel_s: torch.Tensor | None = None
+    sel_t: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.sel_b is None:
+            b, p = self.pos_mask.nonzero(as_tuple=True)  # row-major: the order boolean indexing gives
+            for name, value in (("sel_b", b), ("sel_s", self.pos_s[b, p]), ("sel_t", self.pos_t[b, p])):
+                object.__setattr__(self, name, value)  # the dataclass is frozen
 
     @property
     def num_aligned(self) -> int:
         """Total number of aligned position pairs in the batch."""
-        return int(self.pos_mask.sum())
+        return self.sel_b.numel()
+
+    def gather(self, x: torch.Tensor, side: str) -> torch.Tensor:
+        """Rows of x (B x L x ...) at the aligned positions of `side` ("s": source, "t": target) -> (N x ...),
+        the i-th row of either side belonging to the same aligned pair."""
+        pos = {"s": self.sel_s, "t": self.sel_t}[side]
+        rows = self.sel_b
+        if rows.device != x.device:  # sharded models: x may live on any device
+            rows, pos = rows.to(x.device), pos.to(x.device)
+        return x[rows, pos]  # integer advanced indexing: no (B, P, d) index tensor, no sync
 
     def target_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Two (B, Lt) bool masks over the target's positions p (each predicts token p + 1): where
@@ -176,8 +197,7 @@ class PairBatch:
         real = torch.zeros_like(self.mask_t, dtype=torch.bool)
         real[:, :-1] = self.mask_t[:, 1:].bool()
         aligned = torch.zeros_like(real)
-        rows = torch.arange(self.pos_t.shape[0], device=real.device)[:, None].expand_as(self.pos_t)
-        aligned[rows[self.pos_mask], self.pos_t[self.pos_mask]] = True
+        aligned[self.sel_b, self.sel_t] = True
         return real, aligned & real
 
     def to(self, device: torch.device | str) -> "PairBatch":

@@ -23,8 +23,7 @@ from tqdm.auto import tqdm
 
 from .capture import capture
 from .checkpointing import checkpointed_blocks
-from .cast_module import CastLinear, PortedKernel, deltas_off
-from .closed_form import gather_aligned
+from .cast_module import CastLinear, PortedKernel, deltas_off, input_device
 from .errors import CastloraError, TrainingDiverged
 from .families import Site
 from .losses import delta_teacher, kl_divergence, lora_effect, relative_mse, shared_log_probs, topk_kl
@@ -149,14 +148,14 @@ def teacher_outputs(source, source_inner, target, wrappers, ports: list[tuple[Po
             else:
                 with source.disable_adapter():
                     out = source(input_ids=batch.ids_s, attention_mask=batch.mask_s)
-        logits = gather_aligned(out.logits, batch.pos_s, batch.pos_mask)
+        logits = batch.gather(out.logits, "s")
         return shared_log_probs(logits, cols.ids_s, tau, other), cap.inputs
 
     with torch.no_grad():
         lp_lora, inputs = logp_source(True)
         z = None
         if want_z:
-            z = [gather_aligned(inputs[port.source_module], batch.pos_s, batch.pos_mask).to(port.in_basis.device)
+            z = [batch.gather(inputs[port.source_module], "s").to(port.in_basis.device)
                  .float() @ port.in_basis for port, _ in ports]
         use_lora = teacher_lora and teacher != "source_base"
         w = TEACHER_DELTA_WEIGHT.get(teacher, delta_weight)
@@ -173,7 +172,7 @@ def teacher_outputs(source, source_inner, target, wrappers, ports: list[tuple[Po
             return TeacherOutput(logp=logp, z=z, weight=weight)
         with deltas_off(wrappers):
             t_logits = target(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
-        lp_t = shared_log_probs(gather_aligned(t_logits, batch.pos_t, batch.pos_mask), cols.ids_t, tau, other)
+        lp_t = shared_log_probs(batch.gather(t_logits, "t"), cols.ids_t, tau, other)
         return TeacherOutput(logp=delta_teacher(lp_t, lp_teach.to(lp_t.device), lp_base.to(lp_t.device), w,
                                                 lora_weight),
                              z=z, weight=weight)
@@ -187,7 +186,7 @@ def cast_loss(source, source_inner, target, wrappers, ports: list[tuple[PortedKe
     cfg.unaligned_weight, the anchor at the unaligned positions. Returns (loss, kl, mse, anchor). `cols`: the shared
     vocabulary's columns in each model's logits (None where vocab_head.shared_logits already
     restricted them)."""
-    device = next(target.parameters()).device
+    device = input_device(target)
     with autocast(device, cfg.amp):
         t_out = teacher_out
         if t_out is None and cache is not None:
@@ -200,7 +199,7 @@ def cast_loss(source, source_inner, target, wrappers, ports: list[tuple[PortedKe
                 t_out = t_out.top_k(cache.top_k)
                 cache.save(step, batch, t_out)
         logits = target(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
-    lp_student = shared_log_probs(gather_aligned(logits, batch.pos_t, batch.pos_mask), cols.ids_t, cfg.temperature,
+    lp_student = shared_log_probs(batch.gather(logits, "t"), cols.ids_t, cfg.temperature,
                                   cfg.other_bucket)
     t_out = t_out.to(lp_student.device)
     if t_out.logp is not None:
@@ -210,7 +209,7 @@ def cast_loss(source, source_inner, target, wrappers, ports: list[tuple[PortedKe
     mse = torch.zeros((), device=logits.device)
     if cfg.beta > 0:
         for (port, _), z_s in zip(ports, t_out.z):
-            z_t = gather_aligned(port.last_z, batch.pos_t, batch.pos_mask)
+            z_t = batch.gather(port.last_z, "t")
             mse = mse + relative_mse(z_t, z_s.to(z_t.device)).to(mse.device) / len(ports)
     anchor = torch.zeros((), device=logits.device)
     if cfg.unaligned_weight > 0:
@@ -243,7 +242,7 @@ def held_out_kl(source, source_inner, target, wrappers, ports: list[tuple[Ported
     """Yields a function that returns the mean KL to the teacher over `batches` with the heads as they
     are now. The teacher runs once per batch here; each call runs only the target."""
     cfg = replace(cfg, beta=0.0, unaligned_weight=0.0, checkpointing=False)  # the KL alone; no backward, so no checkpointing
-    device = next(target.parameters()).device
+    device = input_device(target)
     with torch.no_grad(), step_setup(source_inner, target, vocab, [], cfg) as cols:
         with autocast(device, cfg.amp):
             teachers = [teacher_outputs(source, source_inner, target, wrappers, ports, b, cols, cfg.teacher,
@@ -350,7 +349,7 @@ def fit_heads(source, source_inner, target, wrappers: list[CastLinear], ports: l
                 break
     for port, _ in ports:
         port.record = cfg.beta > 0
-    device = next(target.parameters()).device
+    device = input_device(target)
     # fp16 autocast needs loss scaling (its small gradients underflow); bf16 does not
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, desc="castlora", dynamic_ncols=True)

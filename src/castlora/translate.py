@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 from . import __version__
 from .baselines.weight_space import weight_space_factors
 from .adapters import PICKLE_NAMES, SAFETENSORS_NAME, load_adapter, read_adapter_folder
-from .cast_module import PortedKernel, attached, balanced_kernels
-from .closed_form import accumulate_fits, apply_fits, gather_aligned, output_head_weights, random_init, \
+from .cast_module import PortedKernel, attached, balanced_kernels, input_device
+from .closed_form import accumulate_fits, apply_fits, output_head_weights, random_init, \
     zero_output_heads
 from .capture import capture
 from .config import TranslateConfig, build, to_dict
@@ -115,7 +115,7 @@ def check_inputs(cfg: TranslateConfig) -> None:
 
 def _device_map(spec: str, which: str):
     """'' -> None; 'auto' -> 'auto'; JSON -> a dict (either one map for both models, or
-    {"source": {...}, "target": {...}})."""
+    {"source": {...}, "target": {...}}, where a model left out loads whole on --device)."""
     if not spec:
         return None
     if spec == "auto":
@@ -124,7 +124,9 @@ def _device_map(spec: str, which: str):
         m = json.loads(spec)
     except json.JSONDecodeError as e:
         raise CastloraError(f"--device-map must be 'auto' or a JSON object: {e}") from e
-    return m.get(which, m) if isinstance(m, dict) and which in m else m
+    if isinstance(m, dict) and m and set(m) <= {"source", "target"}:
+        return m.get(which)
+    return m
 
 
 def _source_with_adapter(cfg: TranslateConfig, source):
@@ -291,9 +293,9 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
                 with capture(tgt, outputs=t_paths) as ct:
                     tgt(input_ids=b.ids_t, attention_mask=b.mask_t)
                 for i, p in enumerate(s_paths):
-                    acc_s[i].append(gather_aligned(cs.outputs[p], b.pos_s, b.pos_mask).float().cpu())
+                    acc_s[i].append(b.gather(cs.outputs[p], "s").float().cpu())
                 for j, p in enumerate(t_paths):
-                    acc_t[j].append(gather_aligned(ct.outputs[p], b.pos_t, b.pos_mask).float().cpu())
+                    acc_t[j].append(b.gather(ct.outputs[p], "t").float().cpu())
         layer_map, sim = cka_layer_map([torch.cat(a) for a in acc_s], [torch.cat(a) for a in acc_t])
         cka_info = [[round(v, 4) for v in row] for row in sim]
     else:
@@ -350,7 +352,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
     log_file = workdir / "train_log.jsonl"
     with attached(tgt, ports) as wrappers:
         if cfg.steps > 0:
-            amp = cfg.amp if cfg.amp != "auto" else ("bf16" if str(cfg.device).startswith("cuda") else "off")
+            amp = cfg.amp if cfg.amp != "auto" else ("bf16" if input_device(tgt).type == "cuda" else "off")
             loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, alpha=cfg.alpha, beta=cfg.beta,
                               temperature=cfg.temperature, teacher=teacher, delta_weight=cfg.delta_weight,
                               lora_weight=cfg.lora_weight, teacher_lora=cfg.teacher_lora,

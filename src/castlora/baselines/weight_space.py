@@ -12,6 +12,8 @@ why it is expected to be weak across architectures.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..export import stack_factors
@@ -20,8 +22,14 @@ from ..families import ModelSites, Site
 
 def _weight(model, site: Site) -> torch.Tensor:
     module = model.get_submodule(site.path)
+    module = getattr(module, "base_layer", module)  # a peft LoRA layer: its frozen base
+    loaded = contextlib.nullcontext()
+    if hasattr(module, "_hf_hook"):  # --device-map: an offloaded module's weight sits on the meta device
+        from accelerate.utils import align_module_device
+        loaded = align_module_device(module)
     # on the CPU, where the LoRA's factors are: the models may sit on a GPU, or on several (--device-map)
-    w = getattr(module, "base_layer", module).weight.detach().to("cpu", torch.float64)
+    with loaded:
+        w = module.weight.detach().to("cpu", torch.float64)
     w = w.t() if site.transposed else w  # as (out, in)
     return w if site.rows is None else w[site.rows]
 
