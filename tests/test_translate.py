@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import castlora
 from castlora.adapters import load_adapter
 from castlora.cast_module import PortedKernel, attached
-from castlora.closed_form import closed_form_init, random_init
+from castlora.closed_form import closed_form_init, fit_closed_form, port_groups, random_init
 from castlora.errors import CastloraError, CorpusError
 from castlora.export import export_peft, module_factors
 from castlora.families import model_sites
@@ -490,6 +490,36 @@ def test_a_missing_strength_corpus_fails_before_any_model_loads(folders, tmp_pat
     with pytest.raises(CorpusError, match="no_such_text"):
         _run(folders, tmp_path / "port", steps=1, strength_corpus=[str(missing)])
     assert not (tmp_path / "port").exists()
+
+
+def test_closed_form_in_groups_equals_one_pass(folders):
+    """A statistics budget smaller than one port fits each port in its own pass over the calibration batches
+    (what keeps a 7B port's fp64 statistics bounded); the heads, the chosen ridges and the output heads at
+    other ridges are the same as from one pass over every port."""
+    tok_s, tok_t = load_tokenizer(str(folders["llama"])), load_tokenizer(str(folders["neox"]))
+    texts = read_docs("data", "general", "valid.txt.gz", n=4)
+    batches = [encode_pair([t[:400] for t in texts[i:i + 2]], tok_s, tok_t, 48, 72) for i in (0, 2)]
+    src, tgt = load_model(str(folders["llama"])), load_model(str(folders["neox"]))
+    t_sites = model_sites(tgt)
+    lora = load_adapter(folders["adapter"], model_sites(src))
+    runs = []
+    for budget in (10**12, 1):
+        ports = _ports(lora.kernels, t_sites, proportional_layer_map(2, t_sites.num_layers))
+        assert len(ports) > 1
+        info, at_ridge = fit_closed_form(ports, src, tgt, [p.source_module for p, _ in ports], batches,
+                                         ridges=(1e-2, 1.0), budget=budget)
+        runs.append((info, at_ridge, [{k: v.clone() for k, v in p.state_dict().items()} for p, _ in ports]))
+    (one, one_r, one_heads), (grouped, grouped_r, grouped_heads) = runs
+    assert "statistics_passes" not in one and grouped["statistics_passes"] == len(one_heads)
+    assert [h["ridge_out"] for h in one["heads"]] == [h["ridge_out"] for h in grouped["heads"]]
+    for a, b in zip(one_heads, grouped_heads):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+    for r in (1e-2, 1.0):
+        for a, b in zip(one_r[r], grouped_r[r]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert port_groups(_ports(lora.kernels, t_sites, proportional_layer_map(2, t_sites.num_layers)),
+                       10**12) == [list(range(len(one_heads)))]
 
 
 # --------------------------------------------------- e. delta teacher with a zero LoRA

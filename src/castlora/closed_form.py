@@ -127,18 +127,68 @@ def apply_fits(ports: list[tuple[PortedKernel, Site]], fits: list[tuple[_Fit, _F
             "heads": chosen}
 
 
+# The fp64 statistics kept at once, in bytes: ports beyond it are fitted in further passes over the calibration
+# batches. One port holds two folds of its input Gram (d_in_T^2), its output Gram (d_out_S^2) and the cross
+# term (d_out_S x d_out_T): ~0.8 GB for a 7B q projection, ~50 GB for a rank-8 LoRA on q and v over 32 layers,
+# several hundred GB for one on every linear layer. The zoo's ports all fit in one group (one pass, as before).
+STATS_BUDGET_BYTES = 8 * 2**30
+
+
+def stats_bytes(port: PortedKernel) -> int:
+    """The fp64 statistics accumulate_fits keeps for `port`, in bytes (both folds)."""
+    d_in_t, d_out_s = port.p_in.linear_part().shape[1], port.out_basis.shape[0]
+    d_out_t = port.p_out.linear_part().shape[0]
+    return 8 * 2 * (d_in_t ** 2 + d_out_s ** 2 + d_out_s * d_out_t)
+
+
+def port_groups(ports: list[tuple[PortedKernel, Site]], budget: int) -> list[list[int]]:
+    """Consecutive runs of port indices whose statistics fit in `budget` bytes (a port over it alone)."""
+    groups, size = [], 0
+    for i, (port, _) in enumerate(ports):
+        b = stats_bytes(port)
+        if not groups or size + b > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += b
+    return groups
+
+
 @torch.no_grad()
-def closed_form_init(ports: list[tuple[PortedKernel, Site]], source_inner, target, source_paths: list[str],
-                     batches, lam: float | None = None) -> dict:
-    """Set every port's heads to the ridge solution on `batches` (PairBatch list). Returns stats.
+def fit_closed_form(ports: list[tuple[PortedKernel, Site]], source_inner, target, source_paths: list[str],
+                    batches, lam: float | None = None, ridges: tuple = (),
+                    budget: int = STATS_BUDGET_BYTES) -> tuple[dict, dict[float, list[torch.Tensor]]]:
+    """Set every port's heads to the ridge solution on `batches` (PairBatch list), in groups of ports whose
+    statistics fit in `budget` bytes: one pass over the batches per group, each group's statistics freed before
+    the next. Returns apply_fits's stats and, for each ridge in `ridges`, every port's output head at that ridge
+    (output_head_weights; --init scaled-ridge searches them once the statistics are gone).
 
     `lam` None (the default): each head's penalty is chosen from RIDGE_GRID by 2-fold
     cross-validation (alternate batches, or alternate positions when there is one batch). The
     right penalty differs by orders of magnitude: near zero when source and target are the same
     model (the fit must be the identity), larger across families where the relation is noisy.
     """
-    fits, n = accumulate_fits(ports, source_inner, target, source_paths, batches)
-    return apply_fits(ports, fits, lam, n)
+    groups = port_groups(ports, budget)
+    heads, positions = [], 0
+    at_ridge: dict[float, list[torch.Tensor]] = {r: [] for r in ridges}
+    for group in groups:
+        sub = [ports[i] for i in group]
+        fits, positions = accumulate_fits(sub, source_inner, target, [source_paths[i] for i in group], batches)
+        for r in ridges:
+            at_ridge[r] += output_head_weights(sub, fits, r)
+        heads += apply_fits(sub, fits, lam, positions)["heads"]
+        del fits
+    info = {"calibration_positions": positions, "ridge": lam if lam is not None else "cross-validated",
+            "heads": heads}
+    if len(groups) > 1:
+        info["statistics_passes"] = len(groups)
+    return info, at_ridge
+
+
+def closed_form_init(ports: list[tuple[PortedKernel, Site]], source_inner, target, source_paths: list[str],
+                     batches, lam: float | None = None) -> dict:
+    """fit_closed_form's stats alone."""
+    return fit_closed_form(ports, source_inner, target, source_paths, batches, lam)[0]
 
 
 @torch.no_grad()
@@ -159,4 +209,4 @@ def zero_output_heads(ports: list[tuple[PortedKernel, Site]]) -> None:
         port.p_out.linear_part().zero_()
 
 
-__all__ = ["accumulate_fits", "apply_fits", "closed_form_init", "output_head_weights", "random_init", "zero_output_heads", "ridge"]
+__all__ = ["accumulate_fits", "apply_fits", "closed_form_init", "fit_closed_form", "output_head_weights", "random_init", "zero_output_heads", "ridge"]

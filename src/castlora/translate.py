@@ -23,7 +23,7 @@ from . import __version__
 from .baselines.weight_space import weight_space_factors
 from .adapters import PICKLE_NAMES, SAFETENSORS_NAME, load_adapter, read_adapter_folder
 from .cast_module import PortedKernel, attached, balanced_kernels, input_device
-from .closed_form import accumulate_fits, apply_fits, output_head_weights, random_init, \
+from .closed_form import fit_closed_form, random_init, \
     zero_output_heads
 from .capture import capture
 from .config import TranslateConfig, build, to_dict
@@ -319,9 +319,10 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
         # The heads map between the *base* models' spaces: with the LoRA on, the source's activations
         # downstream of its first adapted layer carry the LoRA's own effect, which the base target
         # cannot predict (on llama->llama that alone made the fit miss the identity by >100%).
-        with source.disable_adapter():
-            fits, positions = accumulate_fits(ports, source_inner, tgt, [p.source_module for p, _ in ports], calib)
-        init_info = apply_fits(ports, fits, None if cfg.ridge < 0 else cfg.ridge, positions)
+        with source.disable_adapter():  # --init scaled-ridge searches the output heads at OUTPUT_RIDGES too
+            init_info, at_ridge = fit_closed_form(ports, source_inner, tgt, [p.source_module for p, _ in ports], calib,
+                                                  None if cfg.ridge < 0 else cfg.ridge,
+                                                  OUTPUT_RIDGES if cfg.init == "scaled-ridge" else ())
         if cfg.init == "zero-delta":
             # Across families CAST-0's delta can point the wrong way (below the base, docs/results.md);
             # with the output heads at zero the port starts at the target base and the input heads
@@ -372,7 +373,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
                 if "output_scale" in start:
                     ridge = start.get("candidate", "closed-form")
                     set_output_scale(ports, start["output_scale"], None if ridge == "closed-form" else
-                                     output_head_weights(ports, fits, float(ridge)))
+                                     at_ridge[float(ridge)])
             else:
                 with held_out() as kl_at:
                     start = {}
@@ -380,7 +381,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
                         start = scale_output_heads(ports, kl_at)
                     elif cfg.init == "scaled-ridge":  # the output heads' ridge is searched too (start_scale.py)
                         candidates = {"closed-form": [p.p_out.linear_part().detach().clone() for p, _ in ports]}
-                        candidates.update({str(lam): output_head_weights(ports, fits, lam) for lam in OUTPUT_RIDGES})
+                        candidates.update({str(lam): at_ridge[lam] for lam in OUTPUT_RIDGES})
                         start = search_start(ports, kl_at, candidates)
                     start["held_out_kl"] = kl_at()
                 workdir.mkdir(parents=True, exist_ok=True)
