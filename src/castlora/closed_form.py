@@ -129,8 +129,9 @@ def apply_fits(ports: list[tuple[PortedKernel, Site]], fits: list[tuple[_Fit, _F
 
 # The fp64 statistics kept at once, in bytes: ports beyond it are fitted in further passes over the calibration
 # batches. One port holds two folds of its input Gram (d_in_T^2), its output Gram (d_out_S^2) and the cross
-# term (d_out_S x d_out_T): ~0.8 GB for a 7B q projection, ~50 GB for a rank-8 LoRA on q and v over 32 layers,
-# several hundred GB for one on every linear layer. The zoo's ports all fit in one group (one pass, as before).
+# term (d_out_S x d_out_T): ~0.8 GB for a 7B q projection, ~45 GB for a rank-8 LoRA on q and v over 32 layers,
+# ~515 GB for one on every linear layer (Llama-2-7B -> Mistral-7B, docs/performance.md). The zoo's ports
+# all fit in one group (one pass, as before).
 STATS_BUDGET_BYTES = 8 * 2**30
 
 
