@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from castlora.adapters import load_adapter
 from castlora.cast_module import PortedKernel, attached, deltas_off
@@ -29,7 +30,7 @@ from castlora.models import load_model, load_tokenizer, torch_dtype
 from castlora.site_map import map_sites, proportional_layer_map
 from castlora.tokens import PairBatch, encode_pair, shared_vocab
 from castlora.teacher_cache import TeacherCache
-from castlora.train import LoopConfig, autocast, cast_loss, step_setup
+from castlora.train import LoopConfig, autocast, cast_loss, head_optimizer, step_setup, update_heads
 
 ROLES_7B = ["q", "k", "v", "o", "gate", "up", "down"]
 
@@ -79,6 +80,27 @@ def timed(fn, repeats: int, device: str) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+class KernelCount(TorchDispatchMode):
+    """Counts the aten ops that run a kernel (views excluded). On a GPU each is about one launch, each
+    with microseconds of host work: with hundreds of small ports that host work, not the GPU's, can
+    set the step's pace, and it shows on any machine, CPU included."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def kernels_of(fn) -> int:
+    with KernelCount() as count:
+        fn()
+    return count.n
 
 
 def peak_memory_gib(device: str) -> float:
@@ -167,16 +189,18 @@ def main(argv=None) -> int:
     loop = LoopConfig(steps=1, teacher=args.teacher, amp=amp, checkpointing=args.gradient_checkpointing)
     cache = TeacherCache(tmp / "teacher", {"bench": True}, args.teacher_top_k)
     params = [p for port, _ in ports for p in port.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = head_optimizer(params, 1e-4)
+    scaler = torch.amp.GradScaler(torch.device(args.device).type, enabled=amp == "fp16")
 
     def cast_step(wrappers, cols, use_cache=None):
-        """The step fit_heads runs (teacher, student, loss, backward, optimizer)."""
+        """The step fit_heads runs (teacher, student, loss, backward, its one read back, the update)."""
         for port, _ in ports:
             port.record = True
-        loss, _, _, _ = cast_loss(source, source_inner, tgt, wrappers, ports, batch, cols, loop, use_cache, 0)
+        loss, kl, mse, anchor = cast_loss(source, source_inner, tgt, wrappers, ports, batch, cols, loop, use_cache, 0)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        torch.stack([v.detach().float() for v in (loss, kl, mse, anchor)]).tolist()
+        update_heads(opt, params, scaler, loop.grad_clip)
 
     with attached(tgt, ports) as wrappers:
         # the floor: the models as they are (full output layer), the target without the ported deltas
@@ -193,6 +217,10 @@ def main(argv=None) -> int:
             cast_step(wrappers, cols, cache)  # computes the teacher once and writes it: later calls read it
             t_step = timed(lambda: cast_step(wrappers, cols), args.repeats, args.device)
             t_cached = timed(lambda: cast_step(wrappers, cols, cache), args.repeats, args.device)
+            k_step = kernels_of(lambda: cast_step(wrappers, cols))
+            k_cached = kernels_of(lambda: cast_step(wrappers, cols, cache))
+        with deltas_off(wrappers):
+            k_floor = kernels_of(floor_source) + kernels_of(floor_target)
     floor = t_src + t_tgt
     peak = peak_memory_gib(args.device)
     p_s = sum(p.numel() for n, p in src.named_parameters() if "embed_tokens" not in n and "lora" not in n)
@@ -211,6 +239,8 @@ def main(argv=None) -> int:
     print(f"{'CAST step':<28}{t_step:>10.4f}{n_tok_t / t_step:>14.0f}")
     print(f"{'CAST step, cached teacher':<28}{t_cached:>10.4f}{n_tok_t / t_cached:>14.0f}")
     print(f"step/floor: {t_step / floor:.2f}")
+    print(f"kernels per step: floor {k_floor}, CAST step {k_step}, cached-teacher step {k_cached}; "
+          f"CAST step over the floor per port: {(k_step - k_floor) / len(ports):.1f}")
     print(f"peak memory: {peak:.2f} GiB ({'GPU allocated' if args.device.startswith('cuda') else 'process max RSS'}); "
           f"model weights: {weights_gib:.2f} GiB; ratio {peak / weights_gib:.2f}")
     if args.device.startswith("cuda"):

@@ -22,7 +22,10 @@ from castlora.families import model_sites
 from castlora.losses import delta_teacher, kl_divergence, shared_log_probs, topk_kl
 from castlora.site_map import proportional_layer_map
 from castlora.tokens import PairBatch, SharedVocab
-from castlora.train import LoopConfig, cast_loss, step_setup, teacher_outputs
+from castlora.capture import capture
+from castlora.losses import relative_mse
+from castlora.train import (LoopConfig, cast_loss, head_optimizer, kernel_mse, source_z, step_setup,
+                            teacher_outputs)
 from castlora.vocab_head import SharedVocabHead, shared_logits
 
 IDS = torch.tensor([5, 3, 90, 17, 64, 2, 127])
@@ -179,6 +182,79 @@ def test_checkpointed_blocks_recompute_and_restore(monkeypatch):
         assert block.forward is not hooked
         model(inputs_embeds=x).logits.sum().backward()
     assert block.forward is hooked and len(hooked_calls) == 2  # forward, then the recomputation
+
+
+def test_the_step_batched_over_kernels_equals_the_per_kernel_reference(step_parts):
+    """The step's kernel-level work done together (the fused add of each delta, the MSE term's gathers
+    and reductions, the source-side views of q, k and v from one matmul) computes what one kernel at a
+    time computes: the same deltas, MSE, loss and head gradients. Fused targets (gpt_neox) take the
+    rows path, split ones (mistral) the fused add."""
+    pm, inner, tgt, t_sites, ports, vocab = step_parts
+    batch = _batch()
+    with attached(tgt, ports) as wrappers:
+        # each port's addition against y + its delta, values and gradients
+        x = torch.randn(2, 5, ports[0][1].d_in, requires_grad=True)
+        for port, site in ports:
+            if site.rows is not None:
+                continue
+            y = torch.randn(2, 5, site.d_out, requires_grad=True)
+            fused, plain = port.added_to(y, x), y + port(x)
+            torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+            g = torch.randn_like(plain)
+            got = torch.autograd.grad(fused, [x, y, *port.parameters()], g)
+            want = torch.autograd.grad(plain, [x, y, *port.parameters()], g)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        # the source-side views: one gather and matmul per source module, against one per kernel
+        modules = sorted({p.source_module for p, _ in ports})
+        with torch.no_grad(), capture(inner, inputs=modules) as cap:
+            pm(input_ids=batch.ids_s, attention_mask=batch.mask_s)
+        ref = [batch.gather(cap.inputs[p.source_module], "s").float() @ p.in_basis for p, _ in ports]
+        assert cap.inputs[modules[0]].data_ptr() == cap.inputs[modules[1]].data_ptr()  # q and v: one tensor
+        for a, b in zip(source_z(ports, cap.inputs, batch), ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        # the MSE term of a real step against the per-kernel mean
+        cfg = LoopConfig(steps=1)
+        for port, _ in ports:
+            port.record = True
+        loss, kl, mse, _ = cast_loss(pm, inner, tgt, wrappers, ports, batch, vocab, cfg)
+        want = sum(relative_mse(batch.gather(p.last_z, "t"), z) for (p, _), z in zip(ports, ref)) / len(ports)
+        assert mse.item() > 1e-3
+        torch.testing.assert_close(mse, want, rtol=1e-5, atol=1e-7)
+        for port, _ in ports:
+            port.record, port.last_z = False, None
+
+
+def test_kernel_mse_groups_kernels_of_different_widths():
+    """Kernels of ranks 4 and 6 (two groups) give the mean of their relative MSEs, and its gradient."""
+    from types import SimpleNamespace
+    g = torch.Generator().manual_seed(1)
+    batch = _batch()
+    zs_t = [torch.randn(3, 20, r, generator=g, requires_grad=True) for r in (4, 6, 4, 6, 6)]
+    zs_s = [torch.randn(batch.num_aligned, r, generator=g) for r in (4, 6, 4, 6, 6)]
+    ports = [(SimpleNamespace(last_z=z), None) for z in zs_t]
+    got = kernel_mse(ports, zs_s, batch)
+    want = sum(relative_mse(batch.gather(t, "t"), s) for t, s in zip(zs_t, zs_s)) / len(zs_t)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, zs_t), torch.autograd.grad(want, zs_t)):
+        torch.testing.assert_close(a, b)
+
+
+def test_head_optimizer_is_fused_and_steps_as_adamw():
+    """Fused AdamW (one kernel for every head) takes the for-loop AdamW's steps."""
+    g = torch.Generator().manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(5, 7, generator=g)) for _ in range(3)]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    fast, ref = head_optimizer(a, 1e-2), torch.optim.AdamW(b, lr=1e-2, weight_decay=0.0, foreach=False)
+    assert fast.defaults["fused"]
+    for _ in range(5):
+        grads = [torch.randn(5, 7, generator=g) for _ in a]
+        for params, opt in ((a, fast), (b, ref)):
+            for p, gr in zip(params, grads):
+                p.grad = gr.clone()
+            opt.step()
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_autocast_step_runs_and_stays_close(step_parts):

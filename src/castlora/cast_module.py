@@ -79,6 +79,19 @@ class PortedKernel(nn.Module):
             y = y + self.x_out(self.x_in(x) * self.extra_gain.to(x.dtype))
         return self.scale * y
 
+    def added_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y + forward(x). With linear heads and no extra rank, the scale and the sum ride in the output
+        head's matmul (one addmm): no full-size product to scale and then add, forward or backward."""
+        if self.extra_rank or not isinstance(self.p_out, LinearHead):
+            return y + self.forward(x).to(y.dtype)
+        z = self.p_in(x)
+        if self.record:
+            self.last_z = z
+        # the scale on the r x r core (a buffer: nothing to do in the backward), not on a full-size product
+        h = (z @ (self.core.t() * self.scale).to(z.dtype)).to(y.dtype)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.p_out.weight.t().to(y.dtype))
+        return out.view(y.shape)
+
     @torch.no_grad()
     def init_extra(self, generator: torch.Generator) -> None:
         """The extra directions' start, as a LoRA's (B = 0: the delta does not move): written side
@@ -122,8 +135,7 @@ class CastLinear(nn.Module):
         if not self.enabled:
             return y
         for port, rows in zip(self.ports, self.rows):
-            d = port(x).to(y.dtype)
-            y = y + d if rows is None else y.index_add(-1, rows.to(y.device), d)
+            y = port.added_to(y, x) if rows is None else y.index_add(-1, rows, port(x).to(y.dtype))
         return y
 
 

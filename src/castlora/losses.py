@@ -93,6 +93,8 @@ def topk_kl(values: torch.Tensor, index: torch.Tensor, logp_student: torch.Tenso
     return position_mean(kl, weight) * tau * tau
 
 
-def relative_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """||pred - target||^2 / ||target||^2 over all positions."""
-    return (pred.float() - target.float()).pow(2).sum() / target.float().pow(2).sum().clamp_min(1e-12)
+def relative_mse(pred: torch.Tensor, target: torch.Tensor, dim: tuple[int, ...] | None = None) -> torch.Tensor:
+    """||pred - target||^2 / ||target||^2, the norms over the dimensions `dim` (default: all of them)."""
+    dim = tuple(range(pred.dim())) if dim is None else dim
+    pred, target = pred.float(), target.float()
+    return (pred - target).pow(2).sum(dim) / target.pow(2).sum(dim).clamp_min(1e-12)
