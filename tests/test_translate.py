@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import castlora
 from castlora.adapters import load_adapter
 from castlora.cast_module import PortedKernel, attached
+from castlora.capture import capture
 from castlora.closed_form import closed_form_init, fit_closed_form, port_groups, random_init
 from castlora.errors import CastloraError, CorpusError
 from castlora.export import export_peft, module_factors
@@ -162,6 +163,61 @@ def test_runtime_wrapper_equals_exported_adapter(target_type, tmp_path):
     torch.testing.assert_close(_logits(fresh.eval(), ids), want, rtol=1e-4, atol=1e-4)
 
 
+def test_mlp_heads_export_fits_every_real_position_of_every_batch(tmp_path):
+    """Non-linear heads are exported by a rank-r fit over all calibration batches, at the real target
+    positions only (not the padding), streamed: the same A, B and error as the fit on those positions
+    gathered by hand; and the same in groups of one port (a budget of one byte) as in one pass."""
+    from castlora.export import delta_fits, port_factors
+    from castlora.heads import reduced_rank_fit
+    from castlora.tokens import PairBatch
+    src = _make_lora(make_tiny("llama", 0), ["q_proj", "v_proj"])
+    src.save_pretrained(str(tmp_path / "src_adapter"))
+    lora = load_adapter(tmp_path / "src_adapter", model_sites(src))
+    target = make_tiny("mistral", 1)
+    t_sites = model_sites(target)
+    pairs, _ = map_sites(lora.kernels, t_sites, proportional_layer_map(2, t_sites.num_layers))
+    ports = [(PortedKernel(p.kernel, p.target, "mlp"), p.target) for p in pairs]
+    random_init(ports, seed=3)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for port, _ in ports:
+            for head in (port.p_in, port.p_out):
+                head.w2.copy_(torch.randn(head.w2.shape, generator=g) * 0.3)  # a real non-linear branch
+    assert ports[0][0].p_out.w1.shape[0] == 4 * ports[0][0].rank  # hidden: four times the narrow side
+    batches = []
+    for seed in (1, 2):
+        ids = _ids(128, batch=2, seq=10, seed=seed)
+        mask = torch.ones_like(ids)
+        mask[1, -3:] = 0
+        pos = torch.arange(10).expand(2, -1)
+        batches.append(PairBatch(ids, mask, ids, mask, pos, pos, mask.bool()))
+    with attached(target, ports):
+        factors, errors = module_factors(ports, target, batches)
+        grouped, _ = module_factors(ports, target, batches, budget=1)
+        fits = delta_fits(ports, target, batches)
+        xs = {s.path: [] for _, s in ports}
+        for b in batches:
+            with torch.no_grad(), capture(target, inputs=list(xs)) as ct:
+                target(input_ids=b.ids_t, attention_mask=b.mask_t)
+            for path in xs:
+                xs[path].append(ct.inputs[path][b.mask_t.bool()])
+    assert fits[0].g[0][0, 0] > 0 and sum(len(x) for x in xs[ports[0][1].path]) == 2 * (20 - 3)
+    for (port, site), fit in zip(ports, fits):
+        X = torch.cat(xs[site.path])
+        with torch.no_grad():
+            want = reduced_rank_fit(X, port(X), port.rank)
+        got = port_factors(port, fit)
+        for a, b in zip(got[:2], want[:2]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert got[2] == pytest.approx(want[2], rel=1e-6, abs=1e-9) and 1e-6 < got[2] < 1
+        assert errors[f"{port.source_key}->{port.target_key}"] == pytest.approx(got[2])
+    for path, (A, B) in factors.items():
+        torch.testing.assert_close(grouped[path][0], A)
+        torch.testing.assert_close(grouped[path][1], B)
+    with pytest.raises(ValueError, match="non-linear heads need target activations"):
+        module_factors(ports)
+
+
 # --------------------------------------------------- model folders for translate()
 
 
@@ -255,7 +311,66 @@ def test_translate_cast0_and_delta_teacher(folders, tmp_path):
     assert res.record["config"]["teacher"] == "delta"
     assert len(curve) == 2 and all(r["kl"] >= 0 and r["mse"] == 0.0 for r in curve)
     assert (outd / "adapter_model.safetensors").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cast0", "delta"]
+
+    outm = tmp_path / "mlp"  # MLP heads: trained, then exported by a rank-r fit on the calibration text
+    res = _run(folders, outm, steps=2, head="mlp")
+    errors = res.record["export_fit_error"]
+    assert errors and all(0 <= e < 1 for e in errors.values())
+    loaded = PeftModel.from_pretrained(load_model(str(folders["neox"])), str(outm))
+    _assert_keys_match_file(loaded, outm)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cast0", "delta", "mlp"]
+
+
+def test_linear_cka_is_the_kernel_alignment_and_ignores_rotation_and_scale():
+    from castlora.site_map import linear_cka
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 5, generator=g, dtype=torch.float64)
+    Y = X @ torch.randn(5, 7, generator=g, dtype=torch.float64) + 0.5 * torch.randn(60, 7, generator=g, dtype=torch.float64)
+    Q, _ = torch.linalg.qr(torch.randn(7, 7, generator=g, dtype=torch.float64))
+    assert linear_cka(X, X) == pytest.approx(1.0)
+    assert linear_cka(X, 3.0 * Y @ Q + 2.0) == pytest.approx(linear_cka(X, Y))  # rotation, scale, shift
+    Xc, Yc = X - X.mean(0), Y - Y.mean(0)
+    Kx, Ky = Xc @ Xc.t(), Yc @ Yc.t()  # CKA's definition over the positions' Gram matrices
+    assert linear_cka(X, Y) == pytest.approx(float((Kx * Ky).sum() / (Kx.norm() * Ky.norm())))
+    assert 0.1 < linear_cka(X, Y) < 0.99
+    assert linear_cka(X, torch.randn(60, 7, generator=g, dtype=torch.float64)) < 0.5
+
+
+def test_the_cka_layer_map_is_the_best_monotone_alignment():
+    from castlora.site_map import monotone_layer_map
+    # 3 source layers, 4 target layers; each row's own best (3, 0, 3) is not monotone
+    sim = [[0.1, 0.2, 0.3, 0.9], [0.8, 0.1, 0.1, 0.1], [0.1, 0.1, 0.2, 0.9]]
+    best = max(((a, b, c) for a in range(4) for b in range(a, 4) for c in range(b, 4)),
+               key=lambda m: sum(sim[i][j] for i, j in enumerate(m)))
+    assert tuple(monotone_layer_map(sim)) == best == (3, 3, 3)
+    sim[1][3], sim[0][0] = 0.0, 0.2  # now (0, 0, 3) sums 1.9 against (3, 3, 3)'s 1.8
+    assert monotone_layer_map(sim) == [0, 0, 3]
+    assert monotone_layer_map([[0.5, 0.1], [0.1, 0.5]]) == [0, 1]
+
+
+def test_translate_with_the_cka_layer_map(folders, tmp_path):
+    """--layer-map cka: the similarity of every layer pair on the calibration batches is recorded, the
+    map is its best monotone alignment, and the positions compared are capped (evenly spaced)."""
+    from castlora.site_map import monotone_layer_map, residual_streams
+    res = _run(folders, tmp_path / "cka", steps=0, layer_map="cka", calib_batches=2)
+    rec = res.record
+    sim = rec["cka"]
+    assert rec["layer_map_kind"] == "cka" and len(sim) == 2 and all(len(row) == 2 for row in sim)
+    assert all(0 < v <= 1.0001 for row in sim for v in row)
+    assert rec["layer_map"] == monotone_layer_map(sim) == sorted(rec["layer_map"])
+    # the cap: 8 positions at most, 4 from each of two batches
+    src = load_model(str(folders["llama"]))
+    pm = PeftModel.from_pretrained(src, str(folders["adapter"])).eval()
+    tgt = load_model(str(folders["neox"]))
+    tok_s, tok_t = load_tokenizer(str(folders["llama"])), load_tokenizer(str(folders["neox"]))
+    texts = ["To be, or not to be, that is the question:", "Whether 'tis nobler in the mind to suffer"]
+    batches = [encode_pair(texts, tok_s, tok_t, 16, 24)] * 2
+    s_sites, t_sites = model_sites(pm.base_model.model), model_sites(tgt)
+    full = residual_streams(pm, pm.base_model.model, tgt, s_sites.layer_paths, t_sites.layer_paths, batches)
+    capped = residual_streams(pm, pm.base_model.model, tgt, s_sites.layer_paths, t_sites.layer_paths, batches, 8)
+    n = batches[0].num_aligned
+    assert n > 4 and full[0][0].shape[0] == 2 * n and capped[0][0].shape[0] == capped[1][0].shape[0] == 8
+    torch.testing.assert_close(capped[0][0][0], full[0][0][0])  # the first position is kept
 
 
 def test_uncovered_target_layers_take_the_nearest_source_layer():

@@ -142,11 +142,12 @@ def stats_bytes(port: PortedKernel) -> int:
     return 8 * 2 * (d_in_t ** 2 + d_out_s ** 2 + d_out_s * d_out_t)
 
 
-def port_groups(ports: list[tuple[PortedKernel, Site]], budget: int) -> list[list[int]]:
-    """Consecutive runs of port indices whose statistics fit in `budget` bytes (a port over it alone)."""
+def port_groups(ports: list[tuple[PortedKernel, Site]], budget: int, size_of=stats_bytes) -> list[list[int]]:
+    """Consecutive runs of port indices whose statistics (`size_of(port)` bytes each) fit in `budget` bytes
+    (a port over it alone)."""
     groups, size = [], 0
     for i, (port, _) in enumerate(ports):
-        b = stats_bytes(port)
+        b = size_of(port)
         if not groups or size + b > budget:
             groups.append([])
             size = 0

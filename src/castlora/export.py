@@ -8,7 +8,8 @@ layers mapped to one target layer): their A_T are stacked and their B_T placed s
 the rows of their roles, so the module's LoRA rank is the sum of theirs. Every module is padded
 with zeros to one common rank (an exact no-op) so that any LoRA server can load the adapter;
 lora_alpha = r makes peft's scaling 1, the LoRA scale living in B_T.
-Non-linear heads are exported by a reduced-rank least-squares fit on corpus activations.
+Non-linear heads are exported by a reduced-rank least-squares fit on the target's activations at every
+real position of the calibration batches.
 """
 
 from __future__ import annotations
@@ -19,25 +20,52 @@ import torch
 
 from .cast_module import PortedKernel
 from .families import Site
-from .heads import LinearHead, reduced_rank_fit
+from .capture import capture
+from .closed_form import STATS_BUDGET_BYTES, _Fit, port_groups
+from .heads import LinearHead, reduced_rank_from_stats
 
 
-def port_factors(port: PortedKernel, site_inputs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(A_T, B_T, relative fit error) of one port; exact (error 0) for linear heads."""
+def port_factors(port: PortedKernel, fit: _Fit | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A_T, B_T, relative fit error) of one port; exact (error 0) for linear heads. Non-linear heads
+    need `fit`: the statistics of (site input, ported delta) pairs (delta_fits)."""
     with torch.no_grad():
-        if isinstance(port.p_in, LinearHead) and isinstance(port.p_out, LinearHead):
+        if is_linear(port):
             A = port.core @ port.p_in.weight
             B = port.scale * port.p_out.weight
             if port.extra_rank:  # the free directions are r more rows of A and columns of B
                 A = torch.cat([A, port.extra_gain * port.x_in.weight])
                 B = torch.cat([B, port.scale * port.x_out.weight], 1)
             return A.float().cpu(), B.float().cpu(), 0.0
-        if site_inputs is None:
-            raise ValueError("non-linear heads need target activations to be exported (site_inputs)")
-        X = site_inputs.float()
-        D = port(X.to(port.core.device)).float().cpu()
-        A, B, err = reduced_rank_fit(X.cpu(), D, port.rank + port.extra_rank)
-        return A, B, err
+        if fit is None:
+            raise ValueError("non-linear heads need target activations to be exported (delta_fits)")
+        A, B, err = reduced_rank_from_stats(fit.g[0], fit.c[0], fit.yy[0], port.rank + port.extra_rank)
+        return A.cpu(), B.cpu(), err
+
+
+def is_linear(port: PortedKernel) -> bool:
+    return isinstance(port.p_in, LinearHead) and isinstance(port.p_out, LinearHead)
+
+
+def fit_bytes(port: PortedKernel) -> int:
+    """The fp64 statistics delta_fits keeps for `port`: X^T X and X^T D."""
+    d_in, d_out = port.p_in.linear_part().shape[1], port.p_out.linear_part().shape[0]
+    return 8 * (d_in ** 2 + d_in * d_out)
+
+
+@torch.no_grad()
+def delta_fits(ports: list[tuple[PortedKernel, Site]], target, batches) -> list[_Fit]:
+    """Statistics of each port's delta as a function of its site's input, at every real target position
+    of `batches` (PairBatch list), streamed: memory does not grow with the number of positions. The
+    target runs as it is: inside `attached`, each site reads what the port reads at run time."""
+    fits = [_Fit() for _ in ports]
+    for batch in batches:
+        with capture(target, inputs=[site.path for _, site in ports]) as ct:
+            target(input_ids=batch.ids_t, attention_mask=batch.mask_t)
+        for (port, site), fit in zip(ports, fits):
+            x = ct.inputs[site.path]
+            x = x[batch.mask_t.to(x.device).bool()]  # real positions only, not padding
+            fit.update(0, x, port(x.to(port.core.device)))
+    return fits
 
 
 def stack_factors(items: list[tuple[torch.Tensor, torch.Tensor, Site]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -59,11 +87,22 @@ def stack_factors(items: list[tuple[torch.Tensor, torch.Tensor, Site]]) -> dict[
     return out
 
 
-def module_factors(ports: list[tuple[PortedKernel, Site]], inputs: dict[str, torch.Tensor] | None = None):
-    """Per target module path: (A, B) of all ports on it, and the fit error per port."""
+def module_factors(ports: list[tuple[PortedKernel, Site]], target=None, batches=(),
+                   budget: int = STATS_BUDGET_BYTES):
+    """Per target module path: (A, B) of all ports on it, and the fit error per port. Non-linear heads
+    are fitted on `target`'s activations over `batches` (delta_fits), in groups of ports whose
+    statistics fit in `budget` bytes, one pass over the batches per group."""
+    done: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    nonlinear = [i for i, (port, _) in enumerate(ports) if not is_linear(port)]
+    if nonlinear and (target is None or not batches):
+        raise ValueError("non-linear heads need target activations to be exported: pass target and batches")
+    for group in port_groups([ports[i] for i in nonlinear], budget, fit_bytes):
+        sub = [ports[nonlinear[j]] for j in group]
+        for j, fit in zip(group, delta_fits(sub, target, batches)):
+            done[nonlinear[j]] = port_factors(ports[nonlinear[j]][0], fit)
     items, errors = [], {}
-    for port, site in ports:
-        A, B, err = port_factors(port, None if inputs is None else inputs.get(site.path))
+    for i, (port, site) in enumerate(ports):
+        A, B, err = done[i] if i in done else port_factors(port)
         errors[f"{port.source_key}->{port.target_key}"] = err
         items.append((A, B, site))
     return stack_factors(items), errors

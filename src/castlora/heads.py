@@ -33,7 +33,9 @@ class MLPHead(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, hidden: int | None = None):
         super().__init__()
-        hidden = hidden or max(4 * d_out, 16)
+        # four times the narrow side, which is the kernel's rank r for both heads (d -> r in, r -> d out):
+        # 4 x d_out made each 7B output head 4096 x 16384 wide, ~15B parameters over 224 kernels
+        hidden = hidden or max(4 * min(d_in, d_out), 16)
         self.weight = nn.Parameter(torch.zeros(d_out, d_in))
         self.w1 = nn.Parameter(torch.randn(hidden, d_in) / d_in ** 0.5)
         self.w2 = nn.Parameter(torch.zeros(d_out, hidden))
@@ -75,11 +77,21 @@ def reduced_rank_fit(X: torch.Tensor, D: torch.Tensor, rank: int, lam: float = 1
     Returns (A: rank x d_x, B: d_d x rank, relative error ||D - X A^T B^T||^2 / ||D||^2).
     Used to export non-linear heads as a LoRA.
     """
-    L = ridge(X, D, lam)  # d_d x d_x
-    fitted = X.double() @ L.t()
-    _, _, Vh = torch.linalg.svd(fitted, full_matrices=False)
-    Vr = Vh[:rank].t()  # d_d x rank: the top directions of the fitted outputs
-    A = Vr.t() @ L
-    B = Vr
-    err = ((D.double() - X.double() @ A.t() @ B.t()).pow(2).sum() / D.double().pow(2).sum().clamp_min(1e-30))
-    return A.float(), B.float(), float(err)
+    X, D = X.double(), D.double()
+    return reduced_rank_from_stats(X.t() @ X, X.t() @ D, float(D.pow(2).sum()), rank, lam)
+
+
+def reduced_rank_from_stats(gram: torch.Tensor, cross: torch.Tensor, dd: float, rank: int, lam: float = 1e-3):
+    """reduced_rank_fit from X^T X, X^T D and ||D||^2 alone, so the positions can be streamed batch by
+    batch: the ridge map L (as `ridge`), then its fitted outputs X L^T kept in their top `rank`
+    directions, the top eigenvectors of their Gram L X^T X L^T."""
+    gram, cross = gram.double(), cross.double()
+    reg = lam * gram.diagonal().mean().clamp_min(1e-12)
+    L = torch.linalg.solve(gram + reg * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), cross).t()
+    _, vecs = torch.linalg.eigh(L @ gram @ L.t())
+    B = vecs[:, -rank:].flip(-1)  # d_d x rank, the strongest direction first
+    A = B.t() @ L
+    P = B @ A
+    # ||D - X P^T||^2 = ||D||^2 - 2 <P, (X^T D)^T> + <P X^T X, P>
+    err = (dd - 2 * float((P * cross.t()).sum()) + float(((P @ gram) * P).sum())) / max(dd, 1e-30)
+    return A.float(), B.float(), max(err, 0.0)

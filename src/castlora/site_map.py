@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import LoraKernel
+from .capture import capture
 from .errors import CastloraError
 from .families import ROLE_COUNTERPARTS, ModelSites, Site
 
@@ -41,18 +42,52 @@ def uncovered_layers(layer_map: list[int], n_target: int) -> list[tuple[int, int
     return [(nearest[j], j) for j in range(n_target) if j not in hosted]
 
 
+# The aligned positions CKA compares, at most (evenly spaced in each calibration batch). Enough for a
+# layer-to-layer similarity, and it bounds what is kept: 32 + 32 layers x 4096 positions x 4096 numbers
+# at 7B is 4 GiB on the models' device, where 4 batches of 8 x 512 would be 17.
+CKA_POSITIONS = 4096
+
+
+@torch.no_grad()
+def residual_streams(source, source_inner, target, s_paths: list[str], t_paths: list[str], batches,
+                     max_positions: int = CKA_POSITIONS) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each layer's output at the aligned positions of `batches` (PairBatch list), both base models
+    (the source's LoRA off, as for the heads): (source layers, target layers), each (positions x d),
+    kept on the device the layer ran on."""
+    per_batch = -(-max_positions // max(1, len(batches)))
+    acc_s, acc_t = [[] for _ in s_paths], [[] for _ in t_paths]
+    for b in batches:
+        with capture(source_inner, outputs=s_paths) as cs, source.disable_adapter():
+            source(input_ids=b.ids_s, attention_mask=b.mask_s)
+        with capture(target, outputs=t_paths) as ct:
+            target(input_ids=b.ids_t, attention_mask=b.mask_t)
+        n = b.num_aligned
+        keep = None if n <= per_batch else torch.linspace(0, n - 1, per_batch).round().long()
+        for acc, out, paths, side in ((acc_s, cs.outputs, s_paths, "s"), (acc_t, ct.outputs, t_paths, "t")):
+            for a, p in zip(acc, paths):
+                x = b.gather(out[p], side)
+                a.append((x if keep is None else x[keep.to(x.device)]).float())
+    return [torch.cat(a) for a in acc_s], [torch.cat(a) for a in acc_t]
+
+
 def linear_cka(X: torch.Tensor, Y: torch.Tensor) -> float:
-    """Linear CKA of two activation matrices with the same rows (positions)."""
+    """Linear CKA of two activation matrices with the same rows (positions), in float64 on X's device."""
     X = X.double() - X.double().mean(0)
-    Y = Y.double() - Y.double().mean(0)
+    Y = Y.to(X.device).double()
+    Y = Y - Y.mean(0)
     xy = (Y.t() @ X).pow(2).sum()
     return float(xy / ((X.t() @ X).pow(2).sum().sqrt() * (Y.t() @ Y).pow(2).sum().sqrt()).clamp_min(1e-30))
 
 
 def cka_layer_map(source_acts: list[torch.Tensor], target_acts: list[torch.Tensor]) -> tuple[list[int], list[list[float]]]:
-    """Monotone map i -> j maximising the summed CKA (dynamic programming; j never decreases)."""
-    n_s, n_t = len(source_acts), len(target_acts)
-    sim = [[linear_cka(source_acts[i], target_acts[j]) for j in range(n_t)] for i in range(n_s)]
+    """Monotone map i -> j maximising the summed CKA, and the CKA of every layer pair."""
+    sim = [[linear_cka(x, y) for y in target_acts] for x in source_acts]
+    return monotone_layer_map(sim), sim
+
+
+def monotone_layer_map(sim: list[list[float]]) -> list[int]:
+    """The map i -> j with j never decreasing that maximises sum_i sim[i][j] (dynamic programming)."""
+    n_s, n_t = len(sim), len(sim[0])
     best = [[0.0] * n_t for _ in range(n_s)]
     back = [[0] * n_t for _ in range(n_s)]
     for i in range(n_s):
@@ -67,7 +102,7 @@ def cka_layer_map(source_acts: list[torch.Tensor], target_acts: list[torch.Tenso
     for i in range(n_s - 1, -1, -1):
         mapping[i] = j
         j = back[i][j]
-    return mapping, sim
+    return mapping
 
 
 def map_sites(kernels: list[LoraKernel], target: ModelSites, layer_map: list[int],

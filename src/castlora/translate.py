@@ -25,7 +25,6 @@ from .adapters import PICKLE_NAMES, SAFETENSORS_NAME, load_adapter, read_adapter
 from .cast_module import PortedKernel, attached, balanced_kernels, input_device
 from .closed_form import fit_closed_form, random_init, \
     zero_output_heads
-from .capture import capture
 from .config import TranslateConfig, build, to_dict
 from .corpus import check_corpus_path, make_chunks, read_corpus
 from .errors import CastloraError, CorpusError
@@ -34,7 +33,7 @@ from .families import UnsupportedArchitectureError, family_for, model_sites
 from .generate import lora_effect_prompts, lora_scaled, sample_texts
 from .models import check_model_path, load_model, load_tokenizer, local_model_type
 from .safe_io import atomic_folder, write_text_atomic
-from .site_map import cka_layer_map, map_sites, proportional_layer_map, uncovered_layers
+from .site_map import cka_layer_map, map_sites, proportional_layer_map, residual_streams, uncovered_layers
 from .tokens import encode_pair, shared_vocab
 from .teacher_cache import TeacherCache, file_digest, text_digest
 from .teacher_choice import choose_teacher, strength_budget, strength_texts
@@ -284,19 +283,9 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
     # Layer map: proportional depth, or CKA between residual streams on the calibration batches.
     cka_info = None
     if cfg.layer_map == "cka":
-        s_paths, t_paths = s_sites.layer_paths, t_sites.layer_paths
-        acc_s, acc_t = [[] for _ in s_paths], [[] for _ in t_paths]
-        with torch.no_grad():
-            for b in calib:
-                with capture(source_inner, outputs=s_paths) as cs, source.disable_adapter():
-                    source(input_ids=b.ids_s, attention_mask=b.mask_s)  # base to base, like the heads
-                with capture(tgt, outputs=t_paths) as ct:
-                    tgt(input_ids=b.ids_t, attention_mask=b.mask_t)
-                for i, p in enumerate(s_paths):
-                    acc_s[i].append(b.gather(cs.outputs[p], "s").float().cpu())
-                for j, p in enumerate(t_paths):
-                    acc_t[j].append(b.gather(ct.outputs[p], "t").float().cpu())
-        layer_map, sim = cka_layer_map([torch.cat(a) for a in acc_s], [torch.cat(a) for a in acc_t])
+        streams = residual_streams(source, source_inner, tgt, s_sites.layer_paths, t_sites.layer_paths, calib)
+        layer_map, sim = cka_layer_map(*streams)
+        del streams
         cka_info = [[round(v, 4) for v in row] for row in sim]
     else:
         layer_map = proportional_layer_map(s_sites.num_layers, t_sites.num_layers)
@@ -428,14 +417,8 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
                 teacher_info = {"teacher_cache": str(cfg.teacher_cache), "steps_read": cache.hits,
                                 "steps_computed": cache.misses}
                 log(f"teacher cache: {cache.hits} steps read, {cache.misses} computed")
-        # Non-linear heads are exported by a least-squares fit on target activations.
-        export_inputs = None
-        if cfg.head != "linear":
-            with torch.no_grad(), capture(tgt, inputs=[s.path for _, s in ports]) as ct:
-                for b in calib:
-                    tgt(input_ids=b.ids_t, attention_mask=b.mask_t)
-            export_inputs = {p: x.reshape(-1, x.shape[-1]) for p, x in ct.inputs.items()}
-    factors, fit_errors = module_factors(ports, export_inputs)
+        # Non-linear heads are exported by a least-squares fit on the target's activations as they run (deltas on).
+        factors, fit_errors = module_factors(ports, tgt, calib)
     if cfg.transfer == "weight-space":  # the baseline ignores the heads: SVD subspace transfer
         factors, fit_errors = weight_space_factors(pairs, s_sites, src_base, tgt), {}
 
