@@ -187,18 +187,17 @@ def test_checkpointed_blocks_recompute_and_restore(monkeypatch):
 def test_the_step_batched_over_kernels_equals_the_per_kernel_reference(step_parts):
     """The step's kernel-level work done together (the fused add of each delta, the MSE term's gathers
     and reductions, the source-side views of q, k and v from one matmul) computes what one kernel at a
-    time computes: the same deltas, MSE, loss and head gradients. Fused targets (gpt_neox) take the
-    rows path, split ones (mistral) the fused add."""
+    time computes: the same deltas, MSE, loss and head gradients, on split targets (mistral) and on
+    fused ones (gpt_neox: each delta written into its role's rows of query_key_value)."""
     pm, inner, tgt, t_sites, ports, vocab = step_parts
     batch = _batch()
     with attached(tgt, ports) as wrappers:
         # each port's addition against y + its delta, values and gradients
         x = torch.randn(2, 5, ports[0][1].d_in, requires_grad=True)
         for port, site in ports:
-            if site.rows is not None:
-                continue
-            y = torch.randn(2, 5, site.d_out, requires_grad=True)
-            fused, plain = port.added_to(y, x), y + port(x)
+            y = torch.randn(2, 5, site.module_out, requires_grad=True)
+            fused = port.added_to(y, x, site.rows)
+            plain = y + port(x) if site.rows is None else y.index_add(-1, site.rows, port(x))
             torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
             g = torch.randn_like(plain)
             got = torch.autograd.grad(fused, [x, y, *port.parameters()], g)

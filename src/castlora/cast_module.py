@@ -79,17 +79,23 @@ class PortedKernel(nn.Module):
             y = y + self.x_out(self.x_in(x) * self.extra_gain.to(x.dtype))
         return self.scale * y
 
-    def added_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """y + forward(x). With linear heads and no extra rank, the scale and the sum ride in the output
-        head's matmul (one addmm): no full-size product to scale and then add, forward or backward."""
+    def added_to(self, y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """y + forward(x), the delta written into `rows` of y's last dimension when given (a fused
+        module's role). With linear heads and no extra rank, the scale and the sum ride in the output
+        head's matmul (one addmm): no full-size product to scale and then add, forward or backward; a
+        fused role's output head is widened to the module's width with zero rows elsewhere (r columns)."""
         if self.extra_rank or not isinstance(self.p_out, LinearHead):
-            return y + self.forward(x).to(y.dtype)
+            d = self.forward(x).to(y.dtype)
+            return y + d if rows is None else y.index_add(-1, rows, d)
         z = self.p_in(x)
         if self.record:
             self.last_z = z
         # the scale on the r x r core (a buffer: nothing to do in the backward), not on a full-size product
         h = (z @ (self.core.t() * self.scale).to(z.dtype)).to(y.dtype)
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.p_out.weight.t().to(y.dtype))
+        w = self.p_out.weight
+        if rows is not None:
+            w = w.new_zeros(y.shape[-1], w.shape[1]).index_copy(0, rows, w)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), w.t().to(y.dtype))
         return out.view(y.shape)
 
     @torch.no_grad()
@@ -135,7 +141,7 @@ class CastLinear(nn.Module):
         if not self.enabled:
             return y
         for port, rows in zip(self.ports, self.rows):
-            y = port.added_to(y, x) if rows is None else y.index_add(-1, rows, port(x).to(y.dtype))
+            y = port.added_to(y, x, rows)
         return y
 
 
