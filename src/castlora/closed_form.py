@@ -15,7 +15,7 @@ import torch
 from .cast_module import PortedKernel
 from .capture import capture
 from .families import Site
-from .heads import ridge
+from .heads import residual_from_stats, ridge, ridge_from_stats
 
 
 def _module_out(module, x: torch.Tensor, rows) -> torch.Tensor:
@@ -46,7 +46,7 @@ class _Fit:
         err = 0.0
         for fit, test in ((0, 1), (1, 0)):
             P = _solve(self.g[fit], self.c[fit], lam)
-            err += self.yy[test] - 2 * float((P * self.c[test].t()).sum()) + float(((P @ self.g[test]) * P).sum())
+            err += residual_from_stats(P, self.g[test], self.c[test], self.yy[test])
         return err / max(sum(self.yy), 1e-30)
 
     def solve(self, lam: float | None) -> tuple[torch.Tensor, float, float | None]:
@@ -63,9 +63,7 @@ class _Fit:
         return _solve(g, self.c[0] + self.c[1], lam), lam, cv
 
 
-def _solve(gram: torch.Tensor, cross: torch.Tensor, lam: float) -> torch.Tensor:
-    reg = lam * gram.diagonal().mean().clamp_min(1e-12)
-    return torch.linalg.solve(gram + reg * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), cross).t()
+_solve = ridge_from_stats  # the ridge solution from Gram statistics
 
 
 @torch.no_grad()

@@ -65,10 +65,18 @@ def ridge(X: torch.Tensor, Y: torch.Tensor, lam: float = 1e-3) -> torch.Tensor:
     scale. Solved in float64 through the normal equations (d_x is a hidden size, n >> d_x).
     """
     X, Y = X.double(), Y.double()
-    G = X.t() @ X
-    reg = lam * G.diagonal().mean().clamp_min(1e-12)
-    G = G + reg * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-    return torch.linalg.solve(G, X.t() @ Y).t()
+    return ridge_from_stats(X.t() @ X, X.t() @ Y, lam)
+
+
+def ridge_from_stats(gram: torch.Tensor, cross: torch.Tensor, lam: float) -> torch.Tensor:
+    """`ridge` from X^T X and X^T Y alone (statistics accumulated batch by batch)."""
+    reg = lam * gram.diagonal().mean().clamp_min(1e-12)
+    return torch.linalg.solve(gram + reg * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), cross).t()
+
+
+def residual_from_stats(P: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, yy: float) -> float:
+    """||Y - X P^T||^2 from X^T X, X^T Y and ||Y||^2: ||Y||^2 - 2 <P, (X^T Y)^T> + <P X^T X, P>."""
+    return yy - 2 * float((P * cross.t()).sum()) + float(((P @ gram) * P).sum())
 
 
 def reduced_rank_fit(X: torch.Tensor, D: torch.Tensor, rank: int, lam: float = 1e-3):
@@ -86,12 +94,9 @@ def reduced_rank_from_stats(gram: torch.Tensor, cross: torch.Tensor, dd: float, 
     batch: the ridge map L (as `ridge`), then its fitted outputs X L^T kept in their top `rank`
     directions, the top eigenvectors of their Gram L X^T X L^T."""
     gram, cross = gram.double(), cross.double()
-    reg = lam * gram.diagonal().mean().clamp_min(1e-12)
-    L = torch.linalg.solve(gram + reg * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), cross).t()
+    L = ridge_from_stats(gram, cross, lam)
     _, vecs = torch.linalg.eigh(L @ gram @ L.t())
     B = vecs[:, -rank:].flip(-1)  # d_d x rank, the strongest direction first
     A = B.t() @ L
-    P = B @ A
-    # ||D - X P^T||^2 = ||D||^2 - 2 <P, (X^T D)^T> + <P X^T X, P>
-    err = (dd - 2 * float((P * cross.t()).sum()) + float(((P @ gram) * P).sum())) / max(dd, 1e-30)
+    err = residual_from_stats(B @ A, gram, cross, dd) / max(dd, 1e-30)
     return A.float(), B.float(), max(err, 0.0)
