@@ -27,14 +27,12 @@ with tempfile.TemporaryDirectory() as tmp:
     seen = {e["prompt"] for e in load_examples(train.train)}
     val = make(tmp / "val", 100)  # another seed: other words / names
     val_ex = [e for e in load_examples(val.test) + load_examples(val.train) if e["prompt"] not in seen][:60]
-    print(f"| model | {task} LoRA | base |  ({len(val_ex)} validation examples; recipe: "
-          f"{cfg.exact_lora_steps} steps, lr {cfg.exact_lora_lr}, rank {cfg.lora_rank} on {cfg.exact_lora_targets})")
+    recipe = cfg.lora_recipe("exact")
+    print(f"| model | {task} LoRA | base |  ({len(val_ex)} validation examples; recipe: {recipe})")
     for name in models:
         zoo = str(shared / "zoo" / name)
         out = tmp / f"lora_{name}"
-        train_lora(zoo, str(train.train), str(out), steps=cfg.exact_lora_steps, rank=cfg.lora_rank,
-                   alpha=2 * cfg.lora_rank, targets=cfg.exact_lora_targets, lr=cfg.exact_lora_lr, batch_size=8,
-                   seq_len=cfg.seq_len, seed=cfg.seed, overwrite=True, progress=False, log=lambda *a: None)
+        train_lora(zoo, str(train.train), str(out), **recipe, overwrite=True, progress=False, log=lambda *a: None)
         tok = load_tokenizer(zoo)
         acc = exact_match(PeftModel.from_pretrained(load_model(zoo), str(out)).eval(), tok, val_ex)["accuracy"]
         base = exact_match(load_model(zoo), tok, val_ex)["accuracy"]

@@ -60,10 +60,7 @@ else:
 def lora(model: str) -> str:
     path = out / "loras" / f"{model}_{task}"
     if not (path / "adapter_model.safetensors").exists():
-        train_lora(str(shared / "zoo" / model), str(train.train), str(path),
-                   steps=cfg.exact_lora_steps if exact else cfg.lora_steps, rank=cfg.lora_rank,
-                   alpha=2 * cfg.lora_rank, targets=cfg.exact_lora_targets if exact else cfg.lora_targets,
-                   lr=cfg.exact_lora_lr if exact else cfg.lr, batch_size=8, seq_len=cfg.seq_len, seed=cfg.seed,
+        train_lora(str(shared / "zoo" / model), str(train.train), str(path), **cfg.lora_recipe(train.kind),
                    overwrite=True, progress=False, log=lambda *a: None)
     return str(path)
 

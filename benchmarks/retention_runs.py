@@ -251,6 +251,8 @@ RUNS = {
 name = sys.argv[1]
 # Every run here trained at the --mix of its day, a third of the stream generated (the default before session 14),
 # except the rows whose method names its own (cast_auto_gen_all and its control: every text generated); and every
-# run's cast_steps hold for its exact-match tasks too (exact_cast_steps 0), as before session 21.
+# run's cast_steps hold for its exact-match tasks too (exact_cast_steps 0), as before session 21; and every
+# exact-match LoRA here trained 400 steps at a constant lr, as before session 26.
 bench(BenchConfig(out=f"runs/{name}", lora_steps=150, batch_size=8, seq_len=128, eval_tokens=30000,
-                  **{"mix": 1 / 3, "exact_cast_steps": 0, **RUNS[name]}))
+                  **{"mix": 1 / 3, "exact_cast_steps": 0, "exact_lora_schedule": "constant",
+                     "exact_lora_steps": 400, **RUNS[name]}))

@@ -140,3 +140,21 @@ def test_exact_match_tasks_get_their_own_cast_steps_unless_zero():
     assert BenchConfig(cast_steps=150, exact_cast_steps=0).steps_for("exact") == 150
     quick = BenchConfig.quick()  # the smoke run stays small whatever tasks it is given
     assert quick.steps_for("exact") == quick.cast_steps == 20
+
+
+def test_lora_recipes_per_task_kind_are_valid_train_lora_arguments():
+    """The source and retrained LoRAs: the exact-match recipe decays its lr (a constant lr made the exact-match
+    LoRA a matter of the training run, session 26), the LM recipe keeps the constant lr its table was measured
+    with; both name only train_lora's own arguments."""
+    import inspect
+
+    from castlora.train_lora import SCHEDULES, train_lora
+
+    cfg = BenchConfig(seed=3)
+    lm, exact = cfg.lora_recipe("lm"), cfg.lora_recipe("exact")
+    assert (lm["schedule"], lm["steps"], lm["lr"], lm["targets"]) == ("constant", 150, cfg.lr, ["q", "v"])
+    assert (exact["schedule"], exact["steps"], exact["targets"]) == ("linear", 800, ["q", "k", "v", "o"])
+    assert lm["seed"] == exact["seed"] == 3 and exact["alpha"] == 2 * cfg.lora_rank
+    params = inspect.signature(train_lora).parameters
+    assert set(lm) <= set(params) and set(exact) <= set(params)
+    assert {lm["schedule"], exact["schedule"]} <= set(SCHEDULES)

@@ -180,3 +180,36 @@ def test_bench_refuses_negative_exact_cast_steps(tmp_path, capsys):
     assert main(["bench", "--out", str(tmp_path / "b"), "--exact-cast-steps", "-1"]) == 2
     assert "--exact-cast-steps must be >= 0" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_train_lora_with_a_decaying_lr(setup, tmp_path):
+    """`castlora train-lora --schedule linear` trains a PEFT adapter that loads, records its schedule, and
+    its lr ramps up over the warmup and then falls toward zero at the last step."""
+    from peft import PeftModel
+
+    from castlora.train_lora import lr_factor
+
+    out = tmp_path / "lora"
+    assert main(["train-lora", "--model", str(setup["model"]), "--data", str(setup["corpus"]), "--out", str(out),
+                 "--steps", "14", "--batch-size", "2", "--seq-len", "32", "--schedule", "linear"]) == 0
+    rec = json.loads((out / "train_lora.json").read_text())
+    assert rec["schedule"] == "linear" and len(rec["losses"]) == 14
+    assert all(torch.isfinite(torch.tensor(rec["losses"])))
+    pm = PeftModel.from_pretrained(make_tiny("llama", 0, vocab_size=32000, max_position_embeddings=128), str(out))
+    assert any(float(p.abs().sum()) > 0 for n, p in pm.named_parameters() if "lora_B" in n)  # it trained
+    for schedule in ("linear", "cosine"):
+        f = [lr_factor(schedule, s, 30) for s in range(30)]
+        assert f[:10] == [(s + 1) / 10 for s in range(10)]
+        assert f[10] == 1.0 and all(a > b for a, b in zip(f[10:], f[11:])) and 0 < f[-1] < 0.1
+    assert [lr_factor("constant", s, 30) for s in range(10, 30)] == [1.0] * 20
+
+
+def test_train_lora_unknown_schedule(setup, tmp_path, capsys):
+    from castlora.train_lora import train_lora
+
+    with pytest.raises(ValueError, match="constant, linear, cosine"):
+        train_lora(str(setup["model"]), str(setup["corpus"]), str(tmp_path / "x"), steps=1, schedule="step")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit):
+        main(["train-lora", "--model", "m", "--data", "d", "--out", "o", "--schedule", "step"])
+    assert "invalid choice" in capsys.readouterr().err

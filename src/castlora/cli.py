@@ -50,7 +50,8 @@ def cmd_train_lora(args) -> int:
 
     train_lora(args.model, args.data, args.out, steps=args.steps, rank=args.rank, alpha=args.alpha,
                targets=args.targets, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
-               seed=args.seed, device=args.device, dtype=args.dtype, overwrite=args.overwrite)
+               seed=args.seed, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
+               schedule=args.schedule)
     return 0
 
 
@@ -121,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--targets", nargs="+", default=["q", "v"], help="roles (q k v o gate up down) or module names")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--schedule", choices=("constant", "linear", "cosine"), default="constant",
+                   help="the lr after a 10-step warmup: constant, or a linear / cosine decay toward zero")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)

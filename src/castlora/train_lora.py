@@ -5,6 +5,7 @@ prompt/completion jsonl -> loss on the completion tokens only."""
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -43,13 +44,34 @@ def _collate(batch, pad: int):
     return ids, mask, labels
 
 
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_factor(schedule: str, step: int, steps: int, warmup: int = 10) -> float:
+    """The lr multiplier at `step` (0-based): a short linear warmup (these runs are a few hundred steps),
+    then constant, or a decay from 1 toward 0 that the step after the last would reach. A decay makes the
+    final iterate, the one saved, less a matter of where the last few noisy updates happened to land."""
+    if step < warmup:
+        return (step + 1) / warmup
+    done = (step - warmup) / max(1, steps - warmup)  # 0 at the first step after warmup, < 1 at the last
+    if schedule == "linear":
+        return 1.0 - done
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * done))
+    return 1.0
+
+
 def train_lora(model: str, data: list[str] | str, out: str, steps: int = 200, rank: int = 8, alpha: float = 16.0,
                targets: list[str] | None = None, lr: float = 1e-3, batch_size: int = 8, seq_len: int = 256,
                seed: int = 0, device: str = "cpu", dtype: str = "float32", overwrite: bool = False,
-               progress: bool = True, log=print) -> dict:
+               schedule: str = "constant", progress: bool = True, log=print) -> dict:
     """Train a LoRA on `model` with `data`; `targets` are canonical roles (q, k, v, o, gate, up, down)
-    or module names. Writes a PEFT adapter folder to `out` and returns a summary."""
+    or module names. `schedule` is the lr after a 10-step warmup: "constant", or "linear" / "cosine"
+    decay toward zero at the last step. Writes a PEFT adapter folder to `out` and returns a summary."""
     from peft import LoraConfig, get_peft_model
+
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
 
     data = [data] if isinstance(data, str) else list(data)
     torch.manual_seed(seed)
@@ -82,8 +104,8 @@ def train_lora(model: str, data: list[str] | str, out: str, steps: int = 200, ra
             order += extra
         batch, order = [examples[i] for i in order[:batch_size]], order[batch_size:]
         ids, mask, labels = (t.to(device) for t in _collate(batch, pad))
-        for g in opt.param_groups:  # short warmup then constant: these runs are a few hundred steps
-            g["lr"] = lr * min(1.0, (step + 1) / 10)
+        for g in opt.param_groups:
+            g["lr"] = lr * lr_factor(schedule, step, steps)
         loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -91,7 +113,7 @@ def train_lora(model: str, data: list[str] | str, out: str, steps: int = 200, ra
         losses.append(loss.item())
     peft_model.eval()
     summary = {"model": model, "data": data, "steps": steps, "rank": rank, "alpha": alpha, "modules": modules,
-               "lr": lr, "batch_size": batch_size, "seq_len": seq_len, "seed": seed,
+               "lr": lr, "schedule": schedule, "batch_size": batch_size, "seq_len": seq_len, "seed": seed,
                "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "seconds": round(time.perf_counter() - t0, 1)}
     with atomic_folder(out, overwrite) as tmp:
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
