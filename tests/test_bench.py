@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
-from castlora.bench import BenchConfig
+from castlora.bench import BenchConfig, bench
 from castlora.bench.report import bar_heights, markdown_table, plot_gap
 from castlora.bench.tasks import make_echo, make_facts, make_greet
 from castlora.evaluate import retention
@@ -158,3 +159,25 @@ def test_lora_recipes_per_task_kind_are_valid_train_lora_arguments():
     params = inspect.signature(train_lora).parameters
     assert set(lm) <= set(params) and set(exact) <= set(params)
     assert {lm["schedule"], exact["schedule"]} <= set(SCHEDULES)
+
+
+def test_bench_refuses_cached_loras_of_another_recipe_before_any_work(tmp_path):
+    """A LoRA left in OUT/loras by an older recipe (before session 26: 400 steps, no schedule recorded) would be
+    scored as this run's: the bench names it and what differs, and stops before training or loading anything."""
+    from castlora.errors import CastloraError
+
+    cfg = BenchConfig(out=str(tmp_path), shared=str(shared_path()), pairs=["llama->mistral"], tasks=["greet"],
+                      methods=["cast0"])
+    old = tmp_path / "loras" / "mistral_greet"
+    old.mkdir(parents=True)
+    (old / "adapter_model.safetensors").write_bytes(b"")
+    (old / "train_lora.json").write_text(json.dumps({"steps": 400, "lr": 5e-3, "rank": 8, "seed": 1}))
+    with pytest.raises(CastloraError, match="mistral_greet: steps 400 \\(this run: 800\\), schedule constant "
+                                            "\\(this run: linear\\)") as e:
+        bench(cfg, log=lambda *a: None)
+    assert "llama_greet" not in str(e.value) and "another --out" in str(e.value)
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "loras" / "llama_greet").exists()
+    # the same LoRA under the recipe it was trained with (another seed: reused on purpose) passes the check
+    from castlora.bench.runner import _recipe_differs
+    assert _recipe_differs(old, {**BenchConfig(exact_lora_steps=400, exact_lora_schedule="constant")
+                                 .lora_recipe("exact"), "seed": 0}) == []

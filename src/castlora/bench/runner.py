@@ -153,6 +153,17 @@ def _commit() -> str:
         return ""
 
 
+def _recipe_differs(folder: Path, recipe: dict) -> list[str]:
+    """How a LoRA cached in `folder` (its train_lora.json) differs from `recipe`; [] if it matches or is absent.
+    The seed is not compared: runs with a second seed reuse the first seed's LoRAs on purpose."""
+    record = folder / "train_lora.json"
+    if not (folder / "adapter_model.safetensors").exists() or not record.exists():
+        return []
+    had = {"schedule": "constant", **json.loads(record.read_text())}  # none was recorded before session 26
+    return [f"{k} {had.get(k)} (this run: {recipe[k]})" for k in ("steps", "lr", "rank", "schedule")
+            if had.get(k) != recipe[k]]
+
+
 def bench(cfg: BenchConfig, log=print) -> dict:
     from peft import PeftModel
 
@@ -185,6 +196,12 @@ def bench(cfg: BenchConfig, log=print) -> dict:
         return str(path)
 
     tasks = {t: get_task(t, root, out / "tasks", cfg.seed) for t in cfg.tasks}
+    stale = [f"{out / 'loras' / f'{m}_{t}'}: {', '.join(d)}" for t in cfg.tasks
+             for m in sorted({m for p in cfg.pairs for m in p.split("->")})
+             if (d := _recipe_differs(out / "loras" / f"{m}_{t}", cfg.lora_recipe(tasks[t].kind)))]
+    if stale:  # before any work: a cached LoRA from another recipe would be scored as if it were this one's
+        raise CastloraError("these cached LoRAs were trained with another recipe than this run's:\n  "
+                            + "\n  ".join(stale) + "\ndelete them to retrain, or pass another --out")
 
     def score(model: str, adapter: str | None, task: str) -> tuple[float, float | None]:
         """Test loss (lm tasks: lower is better) or exact-match accuracy (higher is better); for
