@@ -19,12 +19,14 @@ from castlora.models import load_model
 
 target = sys.argv[1]
 shared = shared_dir(sys.argv[2] if len(sys.argv) > 2 else None)
-tmp = Path(tempfile.mkdtemp(prefix="castlora-cka-"))
 torch.manual_seed(0)
-source = get_peft_model(load_model(str(shared / "zoo" / "llama"), torch.float32, "cpu"),
-                        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-source.save_pretrained(str(tmp / "lora"))
-res = castlora.translate(source=str(shared / "zoo" / "llama"), adapter=str(tmp / "lora"),
-                         target=str(shared / "zoo" / target), corpus=[str(shared / "data" / "general" / "valid.txt.gz")],
-                         out=str(tmp / "out"), steps=0, layer_map="cka", progress=False, log=lambda *a, **k: None)
+with tempfile.TemporaryDirectory(prefix="castlora-cka-") as tmp:
+    tmp = Path(tmp)
+    source = get_peft_model(load_model(str(shared / "zoo" / "llama"), torch.float32, "cpu"),
+                            LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    source.save_pretrained(str(tmp / "lora"))
+    res = castlora.translate(source=str(shared / "zoo" / "llama"), adapter=str(tmp / "lora"),
+                             target=str(shared / "zoo" / target),
+                             corpus=[str(shared / "data" / "general" / "valid.txt.gz")], out=str(tmp / "out"), steps=0,
+                             layer_map="cka", progress=False, log=lambda *a, **k: None)
 print(json.dumps({"layer_map": res.record["layer_map"], "cka": res.record["cka"]}))

@@ -20,6 +20,19 @@ from castlora.models import load_model, load_tokenizer
 from castlora.tokens import encode_pair, shared_vocab
 
 
+def exact_split(task: str, folder: Path, shared: Path, n: int = 60):
+    """An exact-match task's bench training split (seed 0) in folder/tasks, and `n` VALIDATION prompts: made
+    with another seed in folder/val, every train and test prompt of seed 0 left out."""
+    from castlora.bench.tasks import make_echo, make_greet
+    from castlora.evaluate import load_examples
+
+    make = {"echo": lambda d, seed: make_echo(d, shared, seed), "greet": make_greet}[task]
+    train = make(folder / "tasks", 0)
+    seen = {e["prompt"] for e in load_examples(train.train)} | {e["prompt"] for e in load_examples(train.test)}
+    val = make(folder / "val", 100)
+    return train, [e for e in load_examples(val.test) + load_examples(val.train) if e["prompt"] not in seen][:n]
+
+
 def parse(value: str):
     """A variant's option value as the bool, int or float it spells, else the string."""
     if value in ("True", "False"):

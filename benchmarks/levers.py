@@ -28,16 +28,16 @@ from pathlib import Path
 from peft import PeftModel
 
 from castlora.bench import BenchConfig
-from castlora.bench.tasks import get_task, make_echo, make_greet
+from castlora.bench.tasks import get_task
 from castlora.corpus import read_documents
 from castlora.demo import shared_dir
-from castlora.evaluate import completion_loss, exact_match, load_examples, text_loss
+from castlora.evaluate import completion_loss, exact_match, text_loss
 from castlora.models import load_model, load_tokenizer
 from castlora.safe_io import write_text_atomic
 from castlora.train_lora import train_lora
 from castlora.translate import translate
 
-from lever_folder import variant
+from lever_folder import exact_split, variant
 
 
 task, src, tgt, out = sys.argv[1:5]
@@ -47,11 +47,7 @@ out = Path(out)
 exact = task in ("greet", "echo")
 steps = 100 if exact else cfg.cast_steps
 if exact:
-    make = {"echo": lambda d, seed: make_echo(d, shared, seed), "greet": make_greet}[task]
-    train = make(out / "tasks", 0)  # the bench's training split (seed 0)
-    seen = {e["prompt"] for e in load_examples(train.train)} | {e["prompt"] for e in load_examples(train.test)}
-    val = make(out / "val", 100)  # another seed; test prompts of seed 0 excluded too
-    val_ex = [e for e in load_examples(val.test) + load_examples(val.train) if e["prompt"] not in seen][:60]
+    train, val_ex = exact_split(task, out, shared)  # the bench's training split; validation prompts of another seed
 else:
     train = get_task(task, shared, out / "tasks")
     val_docs = read_documents(train.train)[-1:]

@@ -20,20 +20,18 @@ from pathlib import Path
 from peft import PeftModel
 
 from castlora.bench import BenchConfig
-from castlora.bench.tasks import make_echo, make_greet
 from castlora.demo import shared_dir
-from castlora.evaluate import completion_loss, exact_match, load_examples
+from castlora.evaluate import completion_loss, exact_match
 from castlora.models import load_model, load_tokenizer
+from castlora.safe_io import write_text_atomic
 from castlora.train_lora import train_lora
+
+from lever_folder import exact_split
 
 task, out, models, seeds = sys.argv[1], Path(sys.argv[2]), sys.argv[3].split(","), [int(s) for s in sys.argv[4].split(",")]
 recipes = sys.argv[5:] or ["bench:"]  # "bench:": the bench's recipe as it stands
 shared, cfg = shared_dir(None), BenchConfig()
-make = {"echo": lambda d, seed: make_echo(d, shared, seed), "greet": make_greet}[task]
-train = make(out / "tasks", 0)  # the bench's training split (seed 0)
-seen = {e["prompt"] for e in load_examples(train.train)} | {e["prompt"] for e in load_examples(train.test)}
-val = make(out / "val", 100)
-val_ex = [e for e in load_examples(val.test) + load_examples(val.train) if e["prompt"] not in seen][:60]
+train, val_ex = exact_split(task, out, shared)  # the bench's training split; validation prompts of another seed
 
 
 def recipe(spec: str) -> tuple[str, dict]:
@@ -71,4 +69,4 @@ for spec in recipes:
         print(f"| {name} | {model} | {' / '.join(f'{a:.2f}' for a in accs)} | {statistics.mean(accs):.3f} | "
               f"{min(accs):.2f}-{max(accs):.2f} | {statistics.mean(losses):.3f} | "
               f"{statistics.mean(secs) if secs else float('nan'):.0f} |", flush=True)
-(out / "recipes.json").write_text(json.dumps(rows, indent=1))
+write_text_atomic(out / "recipes.json", json.dumps(rows, indent=1))

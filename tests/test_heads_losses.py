@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from castlora.cast_module import PortedKernel
-from castlora.closed_form import RIDGE_GRID, _Fit, _solve
-from castlora.heads import LinearHead, MLPHead, make_head, reduced_rank_fit, ridge
+from castlora.closed_form import RIDGE_GRID, _Fit
+from castlora.heads import LinearHead, MLPHead, make_head, reduced_rank_fit, ridge, ridge_from_stats
 from castlora.losses import delta_teacher, kl_divergence, lora_effect, relative_mse, shared_log_probs, topk_kl
 
 
@@ -55,11 +55,12 @@ def test_ridge_penalty_is_relative_to_feature_scale():
 
 @pytest.mark.parametrize("lam", [1e-2, 1.0])
 def test_closed_form_solve_matches_numpy(lam):
-    """closed_form._solve takes Gram statistics (X^T X, X^T Y) as accumulated batch by batch."""
+    """heads.ridge_from_stats (the closed form's solve) takes Gram statistics (X^T X, X^T Y), accumulated
+    batch by batch."""
     X, Y = _data(n=300, dx=6, dy=4, seed=1)
     G = X.T @ X
     C = X.T @ Y
-    W = _solve(torch.tensor(G), torch.tensor(C), lam).numpy()
+    W = ridge_from_stats(torch.tensor(G), torch.tensor(C), lam).numpy()
     reg = lam * np.mean(np.diag(G))
     ref = np.linalg.solve(G + reg * np.eye(G.shape[0]), C).T
     np.testing.assert_allclose(W, ref, rtol=1e-9, atol=1e-12)
@@ -67,7 +68,7 @@ def test_closed_form_solve_matches_numpy(lam):
     # accumulating the statistics in two halves gives the same solution
     G2 = X[:150].T @ X[:150] + X[150:].T @ X[150:]
     C2 = X[:150].T @ Y[:150] + X[150:].T @ Y[150:]
-    np.testing.assert_allclose(_solve(torch.tensor(G2), torch.tensor(C2), lam).numpy(), ref, rtol=1e-8)
+    np.testing.assert_allclose(ridge_from_stats(torch.tensor(G2), torch.tensor(C2), lam).numpy(), ref, rtol=1e-8)
 
 
 def test_reduced_rank_fit_recovers_exact_low_rank_map():
@@ -351,7 +352,7 @@ def test_cross_validated_ridge_error_matches_a_direct_held_out_evaluation():
     lam = 1e-2
     direct = 0.0
     for a, b in ((0, 1), (1, 0)):
-        P = _solve(torch.tensor(X[a].T @ X[a]), torch.tensor(X[a].T @ Y[a]), lam).numpy()
+        P = ridge_from_stats(torch.tensor(X[a].T @ X[a]), torch.tensor(X[a].T @ Y[a]), lam).numpy()
         direct += ((Y[b] - X[b] @ P.T) ** 2).sum()
     direct /= sum((y ** 2).sum() for y in Y)
     assert abs(fit.held_out_error(lam) - direct) < 1e-9

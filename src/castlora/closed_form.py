@@ -45,7 +45,7 @@ class _Fit:
         """2-fold cross-validated relative error ||Y - X P^T||^2 / ||Y||^2 of the ridge fit."""
         err = 0.0
         for fit, test in ((0, 1), (1, 0)):
-            P = _solve(self.g[fit], self.c[fit], lam)
+            P = ridge_from_stats(self.g[fit], self.c[fit], lam)
             err += residual_from_stats(P, self.g[test], self.c[test], self.yy[test])
         return err / max(sum(self.yy), 1e-30)
 
@@ -60,10 +60,8 @@ class _Fit:
                 lam = min(errs, key=errs.get)
                 cv = errs[lam]
         g = self.g[0] + self.g[1]
-        return _solve(g, self.c[0] + self.c[1], lam), lam, cv
+        return ridge_from_stats(g, self.c[0] + self.c[1], lam), lam, cv
 
-
-_solve = ridge_from_stats  # the ridge solution from Gram statistics
 
 
 @torch.no_grad()
