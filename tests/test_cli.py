@@ -182,6 +182,54 @@ def test_bench_refuses_negative_exact_cast_steps(tmp_path, capsys):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.fixture
+def fake_shared(tmp_path, monkeypatch):
+    """A shared folder with the zoo's names and no weights: enough for the checks that run before any work."""
+    for name in ("llama", "mistral", "neox"):
+        (tmp_path / "shared" / "zoo" / name).mkdir(parents=True)
+        (tmp_path / "shared" / "zoo" / name / "config.json").write_text("{}")
+    (tmp_path / "shared" / "data").mkdir()
+    monkeypatch.setenv("CASTLORA_SHARED", str(tmp_path / "shared"))
+    return tmp_path / "shared"
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--methods", "cast_source", "cast_sorce"], "unknown method 'cast_sorce'; choose from cast0,"),
+    (["--tasks", "shakespear"], "unknown task 'shakespear'; choose from shakespeare, kjv, greet, echo, facts"),
+    (["--pairs", "llama-mistral"], "pair 'llama-mistral' is not SOURCE->TARGET"),
+    (["--pairs", "llama->gpt2"], "unknown zoo model in 'llama->gpt2': 'gpt2'; choose from llama, mistral"),
+    (["--exact-lora-steps", "0"], "--exact-lora-steps must be >= 1, not 0"),
+    (["--cast-steps", "-5"], "--cast-steps and --exact-cast-steps must be >= 0"),
+])
+def test_bench_refuses_bad_input_before_any_work(fake_shared, tmp_path, capsys, flags, says):
+    """A misspelt method used to surface as a KeyError after the first LoRA had trained for minutes: every
+    name and count is now checked first, the error names the choices, and no output folder is made."""
+    assert main(["bench", "--out", str(tmp_path / "b"), *flags]) == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_bench_takes_every_option_from_yaml_and_flags(tmp_path, monkeypatch, capsys):
+    """Every BenchConfig field is a flag (the LoRA recipe too); YAML overrides the defaults (and --quick's
+    sizes), flags override YAML, and a YAML slip (a string where a list belongs) is refused by name."""
+    bench_mod = importlib.import_module("castlora.bench")
+    seen = []
+    monkeypatch.setattr(bench_mod, "bench", lambda cfg: seen.append(cfg) or {"rows": []})
+    cfg_file = tmp_path / "bench.yaml"
+    cfg_file.write_text(yaml.safe_dump({"tasks": ["greet"], "exact_lora_steps": 300, "exact_lora_schedule": "cosine",
+                                        "cast_steps": 7}))
+    assert main(["bench", "--config", str(cfg_file), "--exact-lora-schedule", "constant", "--lora-targets", "q",
+                 "k"]) == 0
+    cfg = seen[-1]
+    assert (cfg.tasks, cfg.cast_steps, cfg.lora_targets) == (["greet"], 7, ["q", "k"])
+    assert cfg.lora_recipe("exact")["steps"] == 300 and cfg.lora_recipe("exact")["schedule"] == "constant"
+    assert main(["bench", "--quick", "--config", str(cfg_file)]) == 0  # --quick's sizes, YAML over them
+    assert (seen[-1].lora_steps, seen[-1].cast_steps, seen[-1].tasks) == (30, 7, ["greet"])
+    cfg_file.write_text("tasks: greet\n")
+    assert main(["bench", "--config", str(cfg_file)]) == 2
+    assert "option tasks must be a list, not 'greet'" in capsys.readouterr().err
+
+
 def test_train_lora_with_a_decaying_lr(setup, tmp_path):
     """`castlora train-lora --schedule linear` trains a PEFT adapter that loads, records its schedule, and
     its lr ramps up over the warmup and then falls toward zero at the last step."""

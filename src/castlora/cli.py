@@ -9,6 +9,7 @@ import sys
 from dataclasses import fields
 
 from . import __version__
+from .bench import BenchConfig
 from .config import TranslateConfig, build, load_yaml
 from .errors import CastloraError
 from .safe_io import is_disk_full
@@ -78,13 +79,12 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import BenchConfig, bench
+    from .bench import QUICK, BenchConfig, bench
 
-    kw = {k: v for k, v in dict(out=args.out, shared=args.shared, pairs=args.pairs, tasks=args.tasks,
-                                methods=args.methods, cast_steps=args.cast_steps,
-                                exact_cast_steps=args.exact_cast_steps, device=args.device,
-                                dtype=args.dtype, seed=args.seed, cast_seed=args.cast_seed).items() if v is not None}
-    cfg = BenchConfig.quick(**kw) if args.quick else BenchConfig(**kw)
+    yaml_values = load_yaml(args.config) if args.config else {}
+    overrides = {f.name: getattr(args, f.name) for f in fields(BenchConfig)}
+    # defaults <- --quick's sizes <- YAML <- flags
+    cfg = build(BenchConfig, {**(QUICK if args.quick else {}), **yaml_values}, overrides)
     table = bench(cfg)
     if args.quick:
         bad = [r for r in table["rows"] if r["ratio"] is not None and not all(
@@ -152,20 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer steps (a smoke test)")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("bench", help="the retention benchmark on the zoo models (results.json, results.md, PNG)")
-    p.add_argument("--out", default="runs/bench")
-    p.add_argument("--quick", action="store_true", help="a small smoke run (< 15 CPU minutes)")
-    p.add_argument("--shared", default=None)
-    p.add_argument("--pairs", nargs="+")
-    p.add_argument("--tasks", nargs="+")
-    p.add_argument("--methods", nargs="+")
-    p.add_argument("--cast-steps", type=int)
-    p.add_argument("--exact-cast-steps", type=int, help="CAST steps on the exact-match tasks (default 400; 0: "
-                                                        "--cast-steps)")
-    p.add_argument("--device")
-    p.add_argument("--dtype")
-    p.add_argument("--seed", type=int, help="the tasks' splits, the LoRAs and the CAST runs (default 0)")
-    p.add_argument("--cast-seed", type=int, help="the CAST runs only (default: --seed): a second CAST seed on the "
-                                                 "same tasks and LoRAs shows how far one seed moves a cell")
+    p.add_argument("--config", help="YAML file with any of the options below; flags override it")
+    p.add_argument("--quick", action="store_true", help="a small smoke run (< 15 CPU minutes); other options "
+                                                        "override its sizes")
+    _add_config_flags(p, BenchConfig)
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -175,6 +175,9 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "list": list}
+
+
 def build(cls, yaml_values: dict | None = None, overrides: dict | None = None):
     """Defaults <- YAML <- overrides (None values in overrides mean 'not given')."""
     known = {f.name for f in fields(cls)}
@@ -186,6 +189,10 @@ def build(cls, yaml_values: dict | None = None, overrides: dict | None = None):
         values.update(src)
     cfg = cls(**values)
     for f in fields(cls):
+        value, want = getattr(cfg, f.name), _TYPES.get(str(f.type))
+        # a YAML slip (`tasks: greet`, `steps: ten`) would otherwise fail deep in a run, or run the wrong thing
+        if want and (not isinstance(value, want) or (want is not bool and isinstance(value, bool))):
+            raise CastloraError(f"option {f.name} must be {str(f.type).replace('list', 'a list')}, not {value!r}")
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, f.name) not in choices:
             raise CastloraError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, "

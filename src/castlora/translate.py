@@ -220,6 +220,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
     base = to_dict(config) if config else {}
     given = dict(source=source, adapter=adapter, target=target, out=out,
                  corpus=[corpus] if isinstance(corpus, (str, Path)) else list(corpus), **options)
+    given = {k: str(v) if isinstance(v, Path) else v for k, v in given.items()}  # folders may come as Paths
     cfg = build(TranslateConfig, base, {k: v for k, v in given.items() if v not in ("", [], ())})
     check_inputs(cfg)
     t_start = time.perf_counter()

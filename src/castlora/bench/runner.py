@@ -11,17 +11,19 @@ import json
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
+from ..config import opt
+from ..corpus import read_documents
 from ..demo import shared_dir
 from ..errors import CastloraError
-from ..safe_io import write_text_atomic
-from ..corpus import read_documents
 from ..evaluate import completion_loss, exact_match, load_examples, retention, text_loss
-from .tasks import get_task
+from ..safe_io import write_text_atomic
+from ..train_lora import SCHEDULES
+from .tasks import ALL_TASKS, get_task
 
 # method -> translate() options (generate -1: BenchConfig.generate texts from source+LoRA, capped at --mix
 # of the stream, BenchConfig.mix unless the row names its own; -1 there too: --mix's share; 0: general text
@@ -81,16 +83,23 @@ PAIRS = ("llama->llama", "llama->mistral", "llama->neox", "mistral->llama", "neo
 TASKS = ("shakespeare", "kjv", "greet", "echo")
 
 
+# `castlora bench --quick`: the same code path, small enough for CI on two CPU cores; anything given overrides it
+QUICK = dict(pairs=["llama->llama", "llama->mistral"], tasks=["shakespeare"],
+             methods=["cast0", "random_heads", "weight_space", "cast_source", "imitation"],
+             lora_steps=30, exact_lora_steps=60, cast_steps=20, exact_cast_steps=0, batch_size=4, eval_tokens=4000)
+
+
 @dataclass
 class BenchConfig:
-    out: str = "runs/bench"
-    shared: str | None = None
-    pairs: list = field(default_factory=lambda: list(PAIRS))
-    tasks: list = field(default_factory=lambda: list(TASKS))
-    methods: list = field(default_factory=lambda: list(METHODS))
-    lora_steps: int = 150
-    lora_rank: int = 8
-    lora_targets: list = field(default_factory=lambda: ["q", "v"])
+    out: str = opt("runs/bench", "output folder: results.json, results.md, gap_recovered.png, and the cached "
+                                 "tasks, LoRAs and ports")
+    shared: str | None = opt(None, "folder with zoo/ and data/; None: $CASTLORA_SHARED, else ../shared")
+    pairs: list = opt(list(PAIRS), "source->target pairs of zoo models")
+    tasks: list = opt(list(TASKS), f"tasks, of {', '.join(ALL_TASKS)}")
+    methods: list = opt(list(METHODS), f"transfer methods, of {', '.join(METHODS)}")
+    lora_steps: int = opt(150, "training steps of the LM tasks' LoRAs (source and retrained)")
+    lora_rank: int = opt(8, "rank of every LoRA the bench trains")
+    lora_targets: list = opt(["q", "v"], "modules of the LM tasks' LoRAs (roles q k v o gate up down)")
     # Exact-match tasks need a stronger LoRA on the zoo models: with the LM recipe (150 steps, lr 2e-3,
     # q,v) mistral's greet LoRA scored 0.0 on held-out validation names. With 400 steps, lr 5e-3 and
     # q,k,v,o it scored 0.50 (neox 0.30, llama 0.58). The validation names come from another seed,
@@ -101,35 +110,33 @@ class BenchConfig:
     # steps 0.82 / 0.82 / 0.78 (llama 0.90-0.92, neox 0.48-0.52; echo: llama 0.72-0.80, neox 0.67-0.75)
     # (benchmarks/lora_recipe.py; docs/results.md, session 26). The LM LoRAs keep the constant lr: their
     # losses reproduce to the third decimal across runs and machines.
-    exact_lora_steps: int = 800
-    exact_lora_lr: float = 5e-3
-    exact_lora_targets: list = field(default_factory=lambda: ["q", "k", "v", "o"])
-    lora_schedule: str = "constant"  # train_lora's lr after the warmup, LM tasks then exact-match tasks
-    exact_lora_schedule: str = "linear"
-    cast_steps: int = 150
-    # CAST steps on the exact-match tasks (0: cast_steps). On greet 400 steps instead of 100 gained +0.093 and
-    # +0.027 of the completion-loss gap on validation names, 1,000 nothing more (docs/results.md, session 21).
-    exact_cast_steps: int = 400
-    batch_size: int = 8
-    seq_len: int = 128
-    lr: float = 2e-3
-    generate: int = -1  # texts generated per CAST row that generates; -1 = the --mix share of the stream
-    mix: float = 1.0  # translate's --mix for rows that do not name their own (1/3 before session 14)
-    eval_tokens: int = 30000
-    eval_examples: int = 100
-    device: str = "cpu"
-    dtype: str = "float32"
-    seed: int = 0  # the tasks' splits, the LoRAs and (unless cast_seed says otherwise) the CAST runs
-    cast_seed: int = -1  # the CAST runs' own seed (data order, generated text, calibration); -1 = seed.
-    # A second CAST seed on the same tasks and LoRAs measures how far one seed moves a cell.
+    exact_lora_steps: int = opt(800, "training steps of the exact-match tasks' LoRAs")
+    exact_lora_lr: float = opt(5e-3, "peak lr of the exact-match tasks' LoRAs")
+    exact_lora_targets: list = opt(["q", "k", "v", "o"], "modules of the exact-match tasks' LoRAs")
+    lora_schedule: str = opt("constant", "lr of the LM tasks' LoRAs after the warmup", SCHEDULES)
+    exact_lora_schedule: str = opt("linear", "lr of the exact-match tasks' LoRAs after the warmup: a constant lr "
+                                             "left mistral's greet LoRA at 0.00-0.40 exact match depending on the "
+                                             "seed (docs/results.md, session 26)", SCHEDULES)
+    cast_steps: int = opt(150, "CAST steps (the LM tasks)")
+    # On greet 400 steps instead of 100 gained +0.093 and +0.027 of the completion-loss gap on validation
+    # names, 1,000 nothing more (docs/results.md, session 21).
+    exact_cast_steps: int = opt(400, "CAST steps on the exact-match tasks (0: --cast-steps)")
+    batch_size: int = opt(8, "CAST's texts per step")
+    seq_len: int = opt(128, "CAST's and the LoRAs' source tokens per text")
+    lr: float = opt(2e-3, "peak lr of the LM tasks' LoRAs")
+    generate: int = opt(-1, "texts generated per CAST row that generates; -1 = the --mix share of the stream")
+    mix: float = opt(1.0, "translate's --mix for the rows that do not name their own (1/3 before session 14)")
+    eval_tokens: int = opt(30000, "test tokens scored per LM row")
+    eval_examples: int = opt(100, "test prompts scored per exact-match row")
+    device: str = opt("cpu", "torch device")
+    dtype: str = opt("float32", "model dtype (float32 on CPU; bfloat16 on GPU)")
+    seed: int = opt(0, "the tasks' splits, the LoRAs and (unless --cast-seed says otherwise) the CAST runs")
+    cast_seed: int = opt(-1, "the CAST runs only (-1: --seed): a second CAST seed on the same tasks and LoRAs "
+                             "shows how far one seed moves a cell")
 
     @classmethod
     def quick(cls, **kw) -> "BenchConfig":
-        base = dict(pairs=["llama->llama", "llama->mistral"], tasks=["shakespeare"],
-                    methods=["cast0", "random_heads", "weight_space", "cast_source", "imitation"],
-                    lora_steps=30, exact_lora_steps=60, cast_steps=20, exact_cast_steps=0, batch_size=4,
-                    eval_tokens=4000)
-        return cls(**{**base, **kw})
+        return cls(**{**QUICK, **kw})
 
     def lora_recipe(self, kind: str) -> dict:
         """train_lora's arguments for a task of `kind` ("lm" or "exact"): the source LoRAs and the retrained ones."""
@@ -164,6 +171,39 @@ def _recipe_differs(folder: Path, recipe: dict) -> list[str]:
             if had.get(k) != recipe[k]]
 
 
+def check_config(cfg: BenchConfig, root: Path) -> None:
+    """Refuse, before any work, every name or number in `cfg` that would otherwise fail the run later: a
+    misspelt method used to surface as a KeyError after the first LoRA had trained."""
+    def known(what: str, given: list, choices) -> None:
+        bad = [g for g in given if g not in choices]
+        if bad:
+            raise CastloraError(f"unknown {what} {', '.join(map(repr, bad))}; choose from {', '.join(choices)}")
+
+    for name in ("pairs", "tasks"):
+        if not getattr(cfg, name):
+            raise CastloraError(f"--{name} is empty: nothing to run")
+    known("method", cfg.methods, list(METHODS))
+    known("task", cfg.tasks, ALL_TASKS)
+    zoo = sorted(p.name for p in (root / "zoo").iterdir() if (p / "config.json").is_file())
+    for pair in cfg.pairs:
+        ends = pair.split("->")
+        if len(ends) != 2 or not all(ends):
+            raise CastloraError(f"pair {pair!r} is not SOURCE->TARGET, e.g. llama->mistral")
+        known(f"zoo model in {pair!r}:", ends, zoo)
+    for f in fields(cfg):
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            raise CastloraError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                                f"not {getattr(cfg, f.name)!r}")
+    if cfg.exact_cast_steps < 0 or cfg.cast_steps < 0:
+        raise CastloraError(f"--cast-steps and --exact-cast-steps must be >= 0 (0 on --exact-cast-steps: "
+                            f"--cast-steps on the exact-match tasks too), not {cfg.cast_steps} and {cfg.exact_cast_steps}")
+    for name in ("lora_steps", "exact_lora_steps", "lora_rank", "batch_size", "seq_len", "eval_tokens",
+                 "eval_examples"):
+        if getattr(cfg, name) < 1:
+            raise CastloraError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(cfg, name)}")
+
+
 def bench(cfg: BenchConfig, log=print) -> dict:
     from peft import PeftModel
 
@@ -171,10 +211,8 @@ def bench(cfg: BenchConfig, log=print) -> dict:
     from ..train_lora import train_lora
     from ..translate import translate
 
-    if cfg.exact_cast_steps < 0:
-        raise CastloraError(f"--exact-cast-steps must be >= 0 (0: --cast-steps on the exact-match tasks too), "
-                            f"not {cfg.exact_cast_steps}")
     root = shared_dir(cfg.shared)
+    check_config(cfg, root)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     general = str(root / "data" / "general" / "train.txt.gz")

@@ -101,6 +101,9 @@ def make_echo(folder: Path, shared: Path, seed: int = 0, n_train: int = 400, n_t
     return Task("echo", "exact", folder / "echo" / "train.jsonl", folder / "echo" / "test.jsonl")
 
 
+ALL_TASKS = ("shakespeare", "kjv", "greet", "echo", "facts")
+
+
 def get_task(name: str, shared: Path, folder: Path, seed: int = 0) -> Task:
     if name in ("shakespeare", "kjv"):
         d = shared / "data" / "domains" / name
@@ -111,4 +114,4 @@ def get_task(name: str, shared: Path, folder: Path, seed: int = 0) -> Task:
         return make_greet(folder, seed)
     if name == "echo":
         return make_echo(folder, shared, seed)
-    raise ValueError(f"unknown task {name!r}; choose from shakespeare, kjv, greet, echo, facts")
+    raise ValueError(f"unknown task {name!r}; choose from {', '.join(ALL_TASKS)}")
