@@ -16,6 +16,9 @@ reproduces; `generate=-1,mix=1` is the default since session 14 (every training 
 
 `corpus=task` trains the heads on the task's own training text (the validation document left out) instead of general text: a diagnostic
 that CAST may not use (it sees no task data), which says how much of what a port misses is the corpus.
+`corpus=prompts` (exact-match tasks) trains on the training split's prompts alone, without their answers: with
+`generate=-1,mix=1,prompt_tokens=32` the source with its LoRA writes each answer itself. Also a diagnostic
+(unlabelled prompts of the task are task data): does the port carry the skill once its text holds the prompt?
 `corpus=PATH` trains on that file instead of general/train (e.g. text from benchmarks/port_samples.py).
 """
 
@@ -31,7 +34,7 @@ from castlora.bench import BenchConfig
 from castlora.bench.tasks import get_task
 from castlora.corpus import read_documents
 from castlora.demo import shared_dir
-from castlora.evaluate import completion_loss, exact_match, text_loss
+from castlora.evaluate import completion_loss, exact_match, load_examples, text_loss
 from castlora.models import load_model, load_tokenizer
 from castlora.safe_io import write_text_atomic
 from castlora.train_lora import train_lora
@@ -85,6 +88,9 @@ for v in variants:
         corpus = str(out / "tasks" / "train_but_validation.jsonl")
         Path(corpus).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(corpus, "".join(json.dumps({"text": d}) + "\n" for d in read_documents(train.train)[:-1]))
+    if corpus == "prompts":  # the training split's prompts alone, without their answers (exact-match tasks)
+        corpus = str(out / "tasks" / "train_prompts.jsonl")
+        write_text_atomic(corpus, "".join(json.dumps({"text": e["prompt"]}) + "\n" for e in load_examples(train.train)))
     t0 = time.perf_counter()
     res = translate(source=str(shared / "zoo" / src), adapter=src_lora, target=str(shared / "zoo" / tgt),
                     corpus=[corpus], out=str(out / "ports" / name),

@@ -107,6 +107,24 @@ def test_completion_loss_is_the_mean_loss_of_the_completion_tokens(tiny, zoo):
     assert math.isclose(got["completion_loss"], total / count, rel_tol=1e-5)
 
 
+def test_completion_tokens_are_those_of_the_whole_text_in_every_zoo_tokenizer(zoo):
+    """A completion is tokenized as part of the text the model reads: no tokenizer gets a second space
+    before it (a completion tokenized apart got one from sentencepiece's dummy prefix, and llama and
+    mistral split that double space differently), and all three zoo families label the same words."""
+    from transformers import AutoTokenizer
+
+    from castlora.evaluate import completion_example
+    example = {"prompt": "Greet Kalo ->", "completion": " Hello, Kalo! Welcome to the club."}
+    for family in ("llama", "mistral", "neox"):
+        tok = AutoTokenizer.from_pretrained(zoo(family))
+        ids, labels = completion_example(tok, example)
+        n_prompt = labels.count(-100)
+        assert ids[:n_prompt] == tok(example["prompt"])["input_ids"]  # what generation starts from
+        assert tok.decode(ids, skip_special_tokens=True) == example["prompt"] + example["completion"]
+        assert tok.decode(labels[n_prompt:], skip_special_tokens=True).strip() == example["completion"].strip()
+        assert tok.convert_ids_to_tokens(labels[n_prompt])[1:] == "Hello", family  # one space, one piece
+
+
 def test_report_adds_the_graded_table_for_exact_tasks():
     rows = [{"pair": "a->b", "task": "g", "method": "base", "accuracy": 0.0, "ratio": 0.0, "gap_recovered": 0.0,
              "completion_loss": 6.0, "completion_gap_recovered": 0.0},
@@ -162,8 +180,8 @@ def test_lora_recipes_per_task_kind_are_valid_train_lora_arguments():
 
 
 def test_bench_refuses_cached_loras_of_another_recipe_before_any_work(tmp_path):
-    """A LoRA left in OUT/loras by an older recipe (before session 26: 400 steps, no schedule recorded) would be
-    scored as this run's: the bench names it and what differs, and stops before training or loading anything."""
+    """A LoRA left in OUT/loras by an older recipe (before session 26: 400 steps, no schedule recorded; before
+    session 27 its completions were tokenized apart from their prompts) would be scored as this run's: the bench names it and what differs, and stops before training or loading anything."""
     from castlora.errors import CastloraError
 
     cfg = BenchConfig(out=str(tmp_path), shared=str(shared_path()), pairs=["llama->mistral"], tasks=["greet"],
@@ -173,11 +191,16 @@ def test_bench_refuses_cached_loras_of_another_recipe_before_any_work(tmp_path):
     (old / "adapter_model.safetensors").write_bytes(b"")
     (old / "train_lora.json").write_text(json.dumps({"steps": 400, "lr": 5e-3, "rank": 8, "seed": 1}))
     with pytest.raises(CastloraError, match="mistral_greet: steps 400 \\(this run: 800\\), schedule constant "
-                                            "\\(this run: linear\\)") as e:
+                                            "\\(this run: linear\\), completion_tokens apart \\(this run: "
+                                            "joint\\)") as e:
         bench(cfg, log=lambda *a: None)
     assert "llama_greet" not in str(e.value) and "another --out" in str(e.value)
     assert not (tmp_path / "results.json").exists() and not (tmp_path / "loras" / "llama_greet").exists()
     # the same LoRA under the recipe it was trained with (another seed: reused on purpose) passes the check
     from castlora.bench.runner import _recipe_differs
-    assert _recipe_differs(old, {**BenchConfig(exact_lora_steps=400, exact_lora_schedule="constant")
-                                 .lora_recipe("exact"), "seed": 0}) == []
+    old_recipe = {**BenchConfig(exact_lora_steps=400, exact_lora_schedule="constant").lora_recipe("exact"), "seed": 0}
+    assert _recipe_differs(old, old_recipe) == []  # an LM task's LoRA: no completions to tokenize
+    assert _recipe_differs(old, old_recipe, exact=True) == ["completion_tokens apart (this run: joint)"]
+    record = json.loads((old / "train_lora.json").read_text())
+    (old / "train_lora.json").write_text(json.dumps({**record, "completion_tokens": "joint"}))
+    assert _recipe_differs(old, old_recipe, exact=True) == []

@@ -20,6 +20,11 @@ from .models import load_model, load_tokenizer
 from .safe_io import atomic_folder
 
 
+# how prompt/completion examples are tokenized (evaluate.completion_example): "joint" since session 27, the
+# completion as part of the whole text; LoRAs recorded without this key had theirs tokenized apart
+COMPLETION_TOKENS = "joint"
+
+
 def _lm_examples(tok, data: list[str], seq_len: int) -> list[tuple[list[int], list[int]]]:
     """(input ids, label ids) pairs; labels -100 where no loss is taken."""
     examples = []
@@ -114,6 +119,7 @@ def train_lora(model: str, data: list[str] | str, out: str, steps: int = 200, ra
     peft_model.eval()
     summary = {"model": model, "data": data, "steps": steps, "rank": rank, "alpha": alpha, "modules": modules,
                "lr": lr, "schedule": schedule, "batch_size": batch_size, "seq_len": seq_len, "seed": seed,
+               "completion_tokens": COMPLETION_TOKENS,
                "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "seconds": round(time.perf_counter() - t0, 1)}
     with atomic_folder(out, overwrite) as tmp:
         peft_model.save_pretrained(str(tmp), safe_serialization=True)

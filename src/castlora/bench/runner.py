@@ -22,7 +22,7 @@ from ..demo import shared_dir
 from ..errors import CastloraError
 from ..evaluate import completion_loss, exact_match, load_examples, retention, text_loss
 from ..safe_io import write_text_atomic
-from ..train_lora import SCHEDULES
+from ..train_lora import COMPLETION_TOKENS, SCHEDULES
 from .tasks import ALL_TASKS, get_task
 
 # method -> translate() options (generate -1: BenchConfig.generate texts from source+LoRA, capped at --mix
@@ -160,15 +160,18 @@ def _commit() -> str:
         return ""
 
 
-def _recipe_differs(folder: Path, recipe: dict) -> list[str]:
+def _recipe_differs(folder: Path, recipe: dict, exact: bool = False) -> list[str]:
     """How a LoRA cached in `folder` (its train_lora.json) differs from `recipe`; [] if it matches or is absent.
-    The seed is not compared: runs with a second seed reuse the first seed's LoRAs on purpose."""
+    The seed is not compared: runs with a second seed reuse the first seed's LoRAs on purpose. An exact-match
+    task's LoRA must also have had its completions tokenized as this code does (session 27 changed it)."""
     record = folder / "train_lora.json"
     if not (folder / "adapter_model.safetensors").exists() or not record.exists():
         return []
-    had = {"schedule": "constant", **json.loads(record.read_text())}  # none was recorded before session 26
-    return [f"{k} {had.get(k)} (this run: {recipe[k]})" for k in ("steps", "lr", "rank", "schedule")
-            if had.get(k) != recipe[k]]
+    # neither a schedule nor the completions' tokenization was recorded before sessions 26 and 27
+    had = {"schedule": "constant", "completion_tokens": "apart", **json.loads(record.read_text())}
+    now = {**recipe, "completion_tokens": COMPLETION_TOKENS}
+    keys = ("steps", "lr", "rank", "schedule") + (("completion_tokens",) if exact else ())
+    return [f"{k} {had.get(k)} (this run: {now[k]})" for k in keys if had.get(k) != now[k]]
 
 
 def check_config(cfg: BenchConfig, root: Path) -> None:
@@ -236,7 +239,8 @@ def bench(cfg: BenchConfig, log=print) -> dict:
     tasks = {t: get_task(t, root, out / "tasks", cfg.seed) for t in cfg.tasks}
     stale = [f"{out / 'loras' / f'{m}_{t}'}: {', '.join(d)}" for t in cfg.tasks
              for m in sorted({m for p in cfg.pairs for m in p.split("->")})
-             if (d := _recipe_differs(out / "loras" / f"{m}_{t}", cfg.lora_recipe(tasks[t].kind)))]
+             if (d := _recipe_differs(out / "loras" / f"{m}_{t}", cfg.lora_recipe(tasks[t].kind),
+                                      tasks[t].kind == "exact"))]
     if stale:  # before any work: a cached LoRA from another recipe would be scored as if it were this one's
         raise CastloraError("these cached LoRAs were trained with another recipe than this run's:\n  "
                             + "\n  ".join(stale) + "\ndelete them to retrain, or pass another --out")
