@@ -187,16 +187,19 @@ def build(cls, yaml_values: dict | None = None, overrides: dict | None = None):
         if unknown:
             raise CastloraError(f"unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
         values.update(src)
-    cfg = cls(**values)
-    for f in fields(cls):
+    return check_values(cls(**values))
+
+
+def check_values(cfg):
+    """Refuse a field of the wrong type or outside its choices, by name; returns `cfg`. A YAML slip
+    (`tasks: greet`, `steps: ten`) would otherwise fail deep in a run, or run the wrong thing."""
+    for f in fields(cfg):
         value, want = getattr(cfg, f.name), _TYPES.get(str(f.type))
-        # a YAML slip (`tasks: greet`, `steps: ten`) would otherwise fail deep in a run, or run the wrong thing
         if want and (not isinstance(value, want) or (want is not bool and isinstance(value, bool))):
             raise CastloraError(f"option {f.name} must be {str(f.type).replace('list', 'a list')}, not {value!r}")
         choices = f.metadata.get("choices")
-        if choices and getattr(cfg, f.name) not in choices:
-            raise CastloraError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, "
-                                f"not {getattr(cfg, f.name)!r}")
+        if choices and value not in choices:
+            raise CastloraError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, not {value!r}")
     return cfg
 
 

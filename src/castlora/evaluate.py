@@ -144,11 +144,6 @@ def completion_loss(model, tokenizer, examples: list[dict], batch_size: int = 16
     return {"completion_loss": total / count, "tokens": count}
 
 
-def labelled(example: tuple[list[int], list[int]]) -> int:
-    """How many tokens of a completion_example are scored (the completion and EOS)."""
-    return sum(y != -100 for y in example[1])
-
-
 def exact_match(model, tokenizer, examples: list[dict], batch_size: int = 16, max_new_tokens: int | None = None) -> dict:
     device = next(model.parameters()).device
     old = tokenizer.padding_side
@@ -158,7 +153,8 @@ def exact_match(model, tokenizer, examples: list[dict], batch_size: int = 16, ma
         for i in range(0, len(examples), batch_size):
             chunk = examples[i:i + batch_size]
             enc = tokenizer([e["prompt"] for e in chunk], return_tensors="pt", padding=True).to(device)
-            n_new = max_new_tokens or max(labelled(completion_example(tokenizer, e)) for e in chunk) + 2
+            n_new = max_new_tokens or max(sum(y != -100 for y in completion_example(tokenizer, e)[1])
+                                          for e in chunk) + 2
             out = model.generate(**enc, do_sample=False, max_new_tokens=n_new, pad_token_id=tokenizer.pad_token_id)
             for e, seq in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
                 text = tokenizer.decode(seq, skip_special_tokens=True)

@@ -11,12 +11,12 @@ import json
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from ..config import opt
+from ..config import check_values, opt
 from ..corpus import read_documents
 from ..demo import shared_dir
 from ..errors import CastloraError
@@ -183,6 +183,7 @@ def check_config(cfg: BenchConfig, root: Path) -> None:
         if bad:
             raise CastloraError(f"unknown {what} {', '.join(map(repr, bad))}; choose from {', '.join(choices)}")
 
+    check_values(cfg)  # types and choices, as the command line's config gets them
     for name in ("pairs", "tasks"):
         if not getattr(cfg, name):
             raise CastloraError(f"--{name} is empty: nothing to run")
@@ -194,11 +195,6 @@ def check_config(cfg: BenchConfig, root: Path) -> None:
         if len(ends) != 2 or not all(ends):
             raise CastloraError(f"pair {pair!r} is not SOURCE->TARGET, e.g. llama->mistral")
         known(f"zoo model in {pair!r}:", ends, zoo)
-    for f in fields(cfg):
-        choices = f.metadata.get("choices")
-        if choices and getattr(cfg, f.name) not in choices:
-            raise CastloraError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, "
-                                f"not {getattr(cfg, f.name)!r}")
     if cfg.exact_cast_steps < 0 or cfg.cast_steps < 0:
         raise CastloraError(f"--cast-steps and --exact-cast-steps must be >= 0 (0 on --exact-cast-steps: "
                             f"--cast-steps on the exact-match tasks too), not {cfg.cast_steps} and {cfg.exact_cast_steps}")
