@@ -19,6 +19,8 @@ that CAST may not use (it sees no task data), which says how much of what a port
 `corpus=prompts` (exact-match tasks) trains on the training split's prompts alone, without their answers: with
 `generate=-1,mix=1,prompt_tokens=32` the source with its LoRA writes each answer itself. Also a diagnostic
 (unlabelled prompts of the task are task data): does the port carry the skill once its text holds the prompt?
+`prompts=train` (exact-match tasks) is the same through `castlora translate --prompts`: the general corpus stays
+(calibration, strength, and the texts beyond --mix), and every generated text starts from a whole training prompt.
 `corpus=PATH` trains on that file instead of general/train (e.g. text from benchmarks/port_samples.py).
 """
 
@@ -91,6 +93,10 @@ for v in variants:
     if corpus == "prompts":  # the training split's prompts alone, without their answers (exact-match tasks)
         corpus = str(out / "tasks" / "train_prompts.jsonl")
         write_text_atomic(corpus, "".join(json.dumps({"text": e["prompt"]}) + "\n" for e in load_examples(train.train)))
+    if opts.get("prompts") == "train":  # the training split's prompts, answers never read: `translate --prompts`
+        opts["prompts"] = [str(out / "tasks" / "train_prompts.jsonl")]
+        write_text_atomic(opts["prompts"][0], "".join(json.dumps({"prompt": e["prompt"]}) + "\n"
+                                                      for e in load_examples(train.train)))
     t0 = time.perf_counter()
     res = translate(source=str(shared / "zoo" / src), adapter=src_lora, target=str(shared / "zoo" / tgt),
                     corpus=[corpus], out=str(out / "ports" / name),

@@ -72,7 +72,10 @@ def test_report_table_and_chart(tmp_path):
     md = markdown_table({"rows": rows})
     assert "| a->b | t | 5.000 | 4.000 | 1.000 | 0.820 / 0.800 |" in md
     assert "small gain" in md.split("| a->b | g |")[1].splitlines()[0]  # 0.02 accuracy gain is flagged
-    assert "| **mean** |" in md and "0.860 / 0.650" in md
+    assert "| **mean** |" in md and "0.860 / 0.650" in md and "Not data-free" not in md
+    # a row that sampled its text from the task's prompts is named as not data-free under the table
+    md = markdown_table({"rows": [*rows, {**rows[2], "method": "cast_prompts_zd", "task_prompts": 400}]})
+    assert "Not data-free: cast_prompts_zd sampled its training text from the task's unlabelled" in md
     plot_gap({"rows": rows}, tmp_path / "g.png")
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
     # a method run on one cell only draws no bar in the others (not a full 1.5 bar), and values are clipped
@@ -143,7 +146,10 @@ def test_every_bench_method_is_valid_translate_options_with_its_control_beside_i
     from castlora.config import TranslateConfig, build
 
     for name, opts in METHODS.items():
-        build(TranslateConfig, {}, {k: v for k, v in opts.items()})  # unknown keys or choices raise
+        # unknown keys or choices raise; "task" is the runner's word for the task's training prompts file
+        build(TranslateConfig, {}, {k: (["prompts.jsonl"] if v == "task" else v) for k, v in opts.items()})
+    # the rows that read the task's prompts are not data-free, and their names say so
+    assert {n for n, o in METHODS.items() if "prompts" in o} == {"cast_prompts_zd", "imitation_prompts_zd"}
     # each CAST row's imitation control is the same run with the LoRA off in the teacher only
     controls = [name for name, opts in METHODS.items() if opts.get("teacher_lora") is False]
     assert len(controls) >= 7 and all(name.startswith("imitation_") for name in controls)

@@ -30,7 +30,7 @@ from castlora.models import load_model, load_tokenizer
 from castlora.site_map import map_sites, proportional_layer_map, uncovered_layers
 from castlora.tokens import encode_pair, shared_vocab
 from castlora.train import teacher_outputs
-from castlora.corpus import read_corpus
+from castlora.corpus import read_corpus, read_prompts
 from castlora.teacher_choice import MIN_STRENGTH_CHARS, STRENGTH_CHARS, strength_budget, strength_texts
 
 # `castlora.translate` is the function (re-exported by the package); the module is this:
@@ -506,6 +506,42 @@ def test_default_stream_is_all_generated_and_bad_mix_fails(folders, tmp_path):
     # a shorter prompt and no top-k: the run records both and still generates the whole stream
     rec = _run(folders, tmp_path / "short", steps=2, prompt_tokens=2, top_k=0).record
     assert rec["config"]["prompt_tokens"] == 2 and rec["config"]["top_k"] == 0 and rec["generated_texts"] == 4
+
+
+def test_prompts_start_every_generated_text_and_their_answers_are_never_read(folders, tmp_path, monkeypatch):
+    # --prompts: each generated text is sampled from a whole task prompt (not a general document's start);
+    # a completion beside it in the file never reaches the sampler, and the record says the port saw task data
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": f"Greet Ka{'lo' * i}ren ->", "completion": " Hello, SECRETANSWER!"} for i in range(3)]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_prompts([str(prompts)]) == [r["prompt"] for r in rows]
+    seen = {}
+    real = translate_mod.sample_texts
+
+    def spy(model, tok, given, n, **kw):
+        seen.update(prompts=list(given), prompt_tokens=kw["prompt_tokens"])
+        return real(model, tok, given, n, **kw)
+
+    monkeypatch.setattr(translate_mod, "sample_texts", spy)
+    lines = []
+    rec = _run(folders, tmp_path / "port", steps=2, prompts=[str(prompts)],
+               log=lambda *a, **k: lines.append(" ".join(map(str, a)))).record
+    assert seen["prompts"] == [r["prompt"] for r in rows] and seen["prompt_tokens"] == 32  # whole, up to --seq-len
+    assert rec["task_prompts"] == 3 and rec["generated_texts"] == 4 and rec["config"]["prompts"] == [str(prompts)]
+    # the start and the end are judged on more samples from the prompts, held out of training, not on general text
+    assert rec["held_out_generated"] == 2 and rec["held_out_kl"]["text"] == "samples from --prompts"
+    assert any("not data-free" in line for line in lines), lines
+    for bad, why in ((dict(prompts=[str(tmp_path / "missing.jsonl")]), "prompts file .*missing.jsonl does not exist"),
+                     (dict(prompts=[str(prompts)], steps=0), "samples nothing from them"),
+                     (dict(prompts=[str(prompts)], generate=0), "samples nothing from them"),
+                     (dict(prompts=[str(prompts)], generate_from="lora-effect"), "samples nothing from them")):
+        with pytest.raises(CastloraError, match=why):
+            _run(folders, tmp_path / "bad", **{"steps": 2, **bad})
+    assert not (tmp_path / "bad").exists()
+    unlabelled = tmp_path / "bare.jsonl"
+    unlabelled.write_text(json.dumps({"answer": "x"}) + "\n")
+    with pytest.raises(CorpusError, match="neither a 'prompt' nor a 'text' field"):
+        read_prompts([str(unlabelled)])
 
 
 def test_generate_batch_size_auto_on_cpu_explicit_and_bad(folders, tmp_path):

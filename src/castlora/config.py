@@ -140,6 +140,11 @@ class TranslateConfig:
                                           "against 0.606 (shakespeare neox->llama) and 0.212 against 0.259 (greet "
                                           "llama->mistral) (docs/results.md, session 11)",
                              ("doc-start", "lora-effect"))
+    prompts: list = opt([], "unlabelled prompts of the task (.txt/.txt.gz documents, or .jsonl with a `prompt` or `text` "
+                            "field; answers are never read): --generate samples every text from a whole prompt instead "
+                            "of a general document start, so the teacher shows the LoRA on the inputs it was trained "
+                            "for. Prompts are task data, so such a port is no longer data-free (castlora.json: "
+                            "task_prompts). --corpus still gives the calibration and strength text")
     device: str = opt("cpu", "torch device")
     device_map: str = opt("", "load both models sharded through accelerate: 'auto' (all GPUs, then CPU) or a "
                               "JSON module->device map, one for both models or {\"source\": {...}, \"target\": "

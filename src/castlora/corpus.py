@@ -30,8 +30,11 @@ def _read_text(path: Path) -> str:
                           "convert it to UTF-8 first") from e
 
 
-def read_documents(path: str | Path) -> list[str]:
-    """Documents of one .txt / .txt.gz (split on blank-line pairs) or .jsonl (`text` field) file."""
+def read_documents(path: str | Path, prompts_only: bool = False) -> list[str]:
+    """Documents of one .txt / .txt.gz (split on blank-line pairs) or .jsonl (`text` field) file.
+
+    `prompts_only`: a .jsonl record's `prompt` field alone (its `completion`, if any, is never read),
+    else its `text`: the unlabelled task prompts of `--prompts`."""
     path = Path(path)
     text = _read_text(path)
     if path.name.endswith((".jsonl", ".jsonl.gz")):
@@ -43,7 +46,11 @@ def read_documents(path: str | Path) -> list[str]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise CorpusError(f"{path}:{n} is not a JSON line: {e}") from e
-            if "text" in rec:
+            if prompts_only and ("prompt" in rec or "text" in rec):
+                docs.append(str(rec["prompt"] if "prompt" in rec else rec["text"]))
+            elif prompts_only:
+                raise CorpusError(f"{path}:{n} has neither a 'prompt' nor a 'text' field")
+            elif "text" in rec:
                 docs.append(str(rec["text"]))
             elif "prompt" in rec and "completion" in rec:
                 docs.append(str(rec["prompt"]) + str(rec["completion"]))
@@ -83,6 +90,20 @@ def read_corpus(paths: list[str] | str, dataset_limit: int = 50_000) -> list[str
     if not docs:
         raise CorpusError(f"the corpus {', '.join(map(str, paths))} holds no text (0 non-empty documents)")
     return docs
+
+
+def read_prompts(paths: list[str]) -> list[str]:
+    """The unlabelled task prompts of `--prompts`: files only (.txt/.txt.gz documents, or .jsonl `prompt` or
+    `text` fields), never a dataset name, and never an answer."""
+    prompts: list[str] = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise CorpusError(f"prompts file {path} does not exist (--prompts takes .txt, .txt.gz or .jsonl files)")
+        prompts.extend(read_documents(path, prompts_only=True))
+    if not prompts:
+        raise CorpusError(f"the prompts {', '.join(map(str, paths))} hold no text (0 non-empty prompts)")
+    return prompts
 
 
 def looks_like_file(p: str) -> bool:

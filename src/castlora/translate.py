@@ -26,7 +26,7 @@ from .cast_module import PortedKernel, attached, balanced_kernels, input_device
 from .closed_form import fit_closed_form, random_init, \
     zero_output_heads
 from .config import TranslateConfig, build, to_dict
-from .corpus import check_corpus_path, make_chunks, read_corpus
+from .corpus import check_corpus_path, make_chunks, read_corpus, read_prompts
 from .errors import CastloraError, CorpusError
 from .export import export_peft, module_factors
 from .families import UnsupportedArchitectureError, family_for, model_sites
@@ -75,6 +75,14 @@ def check_inputs(cfg: TranslateConfig) -> None:
     read_adapter_folder(cfg.adapter, cfg.allow_pickle)
     for c in [*cfg.corpus, *cfg.strength_corpus]:
         check_corpus_path(str(c))
+    for p in cfg.prompts:
+        if not Path(p).is_file():
+            raise CorpusError(f"prompts file {p} does not exist (--prompts takes .txt, .txt.gz or .jsonl files)")
+    if cfg.prompts and (cfg.steps == 0 or cfg.generate == 0 or cfg.mix == 0 or cfg.generate_from != "doc-start"):
+        raise CastloraError("--prompts are what --generate samples from, and this run samples nothing from them "
+                            f"(--steps {cfg.steps}, --generate {cfg.generate}, --mix {cfg.mix:g}, --generate-from "
+                            f"{cfg.generate_from}): train (--steps > 0) with --generate -1 or > 0, --mix > 0 and "
+                            "--generate-from doc-start, or drop --prompts")
     out = Path(cfg.out)
     if out.exists() and not (cfg.overwrite or cfg.resume):
         raise CastloraError(f"output folder {out} already exists: choose another --out or pass --overwrite")
@@ -146,8 +154,9 @@ def _adapter_digest(folder: str) -> str:
     return ""
 
 
-def _training_texts(cfg, docs, tok_s, source, n_needed, log) -> tuple[list[str], dict]:
-    """Chunks of general text, mixed with text sampled from source+LoRA when --generate is set."""
+def _training_texts(cfg, docs, tok_s, source, n_needed, log, task_prompts=()) -> tuple[list[str], dict]:
+    """Chunks of general text, mixed with text sampled from source+LoRA when --generate is set (from the
+    starts of general documents, or from the whole of each of `task_prompts` when --prompts gives them)."""
     info = {}
     share = int(round(n_needed * cfg.mix))
     count = share if cfg.generate < 0 else cfg.generate
@@ -162,14 +171,18 @@ def _training_texts(cfg, docs, tok_s, source, n_needed, log) -> tuple[list[str],
         raise CorpusError("the corpus yields no text chunk of at least 16 tokens")
     texts = general
     info["general_chunks"] = max(0, len(general) - cfg.calib_batches * cfg.batch_size)
+    # With --prompts the training text is the task's, not general text: the heads' start and end are judged on
+    # fresh samples from the same prompts, held out of training (on general text such a port ends farther from
+    # the teacher than its start, and would be thrown away: docs/results.md, session 28)
+    n_held = cfg.calib_batches * cfg.batch_size if task_prompts and n_gen else 0
     if n_gen:
         t0 = time.perf_counter()
         saved = Path(cfg.teacher_cache) / "generated.json" if cfg.teacher_cache else None
         on_cpu = next(source.parameters()).device.type == "cpu"
         gen_batch = cfg.generate_batch_size or (GENERATE_BATCH_CPU if on_cpu else GENERATE_BATCH_ACCELERATOR)
-        key = {"source": str(cfg.source), "adapter": _adapter_digest(cfg.adapter), "n": n_gen,
+        key = {"source": str(cfg.source), "adapter": _adapter_digest(cfg.adapter), "n": n_gen + n_held,
                "seq_len": cfg.seq_len, "top_k": cfg.top_k, "seed": cfg.seed,
-               "prompts": text_digest(docs),
+               "prompts": text_digest(list(task_prompts) or docs), **({"task_prompts": True} if task_prompts else {}),
                **({"generate_from": cfg.generate_from} if cfg.generate_from != "doc-start" else {}),
                **({"prompt_tokens": cfg.prompt_tokens} if cfg.prompt_tokens != 8 else {}),
                **({"generate_lora_weight": cfg.generate_lora_weight} if cfg.generate_lora_weight != 1 else {}),
@@ -181,7 +194,9 @@ def _training_texts(cfg, docs, tok_s, source, n_needed, log) -> tuple[list[str],
             gen = rec["texts"] if rec.get("key") == key else None
         if gen is None:
             prompts, prompt_tokens = docs, cfg.prompt_tokens
-            if cfg.generate_from == "lora-effect":  # windows of general text where the LoRA acts the most
+            if task_prompts:  # whole prompts: the source writes the answers its LoRA gives them
+                prompts, prompt_tokens = list(task_prompts), cfg.seq_len
+            elif cfg.generate_from == "lora-effect":  # windows of general text where the LoRA acts the most
                 windows = make_chunks(docs, tok_s, MINE_WINDOW, MINE_POOL * n_gen, seed=cfg.seed + 1)
                 prompts, effects = lora_effect_prompts(source, tok_s, windows, n_gen, window=MINE_WINDOW,
                                                        progress=cfg.progress)
@@ -192,16 +207,19 @@ def _training_texts(cfg, docs, tok_s, source, n_needed, log) -> tuple[list[str],
                 info.update({"mined_windows": len(windows), "prompt_effect": {
                     "max": effects[0], "median": effects[len(effects) // 2], "min": effects[-1]}})
             with lora_scaled(source, cfg.generate_lora_weight):
-                gen = sample_texts(source, tok_s, prompts, n_gen, max_new_tokens=cfg.seq_len, top_k=cfg.top_k,
+                gen = sample_texts(source, tok_s, prompts, n_gen + n_held, max_new_tokens=cfg.seq_len, top_k=cfg.top_k,
                                    prompt_tokens=prompt_tokens, batch_size=gen_batch, seed=cfg.seed,
                                    progress=cfg.progress)
             if saved:
                 saved.parent.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(saved, json.dumps({"key": key, "texts": gen}))
+        if n_held:
+            gen, info["held_out_texts"] = gen[:-n_held], gen[-n_held:]
         info.update({"generated_texts": len(gen), "generated_chars": sum(map(len, gen)),
-                     "generate_batch_size": gen_batch,
+                     "generate_batch_size": gen_batch, **({"held_out_generated": n_held} if n_held else {}),
                      "generation_seconds": round(time.perf_counter() - t0, 1)})
-        log(f"generated {len(gen)} texts ({info['generated_chars']} chars) in {info['generation_seconds']} s")
+        log(f"generated {len(gen)} texts ({info['generated_chars']} chars) in {info['generation_seconds']} s"
+            + (f", and {n_held} more held out" if n_held else ""))
         rng = random.Random(cfg.seed)
         n_general = max(0, n_needed - n_gen)
         stream = [gen[i % len(gen)] for i in range(n_gen)] + general[:n_general]
@@ -230,6 +248,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
 
     docs = read_corpus(cfg.corpus)  # empty, unreadable or non-UTF-8 text fails before any model loads
     strength_docs = read_corpus(cfg.strength_corpus) if cfg.strength_corpus else []
+    task_prompts = read_prompts(cfg.prompts) if cfg.prompts else []
 
     log(f"loading {cfg.source} and {cfg.target}")
     src_base = load_model(cfg.source, cfg.dtype, cfg.device, device_map=_device_map(cfg.device_map, "source"),
@@ -246,9 +265,13 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
     source_inner = source.base_model.model
 
     n_needed = max(cfg.steps, 1) * cfg.batch_size
-    texts, gen_info = _training_texts(cfg, docs, tok_s, source, n_needed, log)
+    texts, gen_info = _training_texts(cfg, docs, tok_s, source, n_needed, log, task_prompts)
+    if task_prompts:  # the record says plainly that this port saw task data
+        gen_info["task_prompts"] = len(task_prompts)
+        log(f"generating from {len(task_prompts)} task prompts (--prompts): this port is not data-free")
     n_calib = min(len(texts), cfg.calib_batches * cfg.batch_size)
     calib_texts, train_texts = texts[:n_calib], texts[n_calib:] or texts
+    held_texts = gen_info.pop("held_out_texts", None)  # --prompts: samples from the prompts, held out of training
     n_general, general_needed = gen_info.pop("general_chunks"), gen_info.pop("general_needed")
     if cfg.steps > 0 and general_needed > 0 and n_general * cfg.max_epochs < general_needed:
         raise CorpusError(
@@ -266,6 +289,8 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
         return encode_pair([pool[i] for i in idx], tok_s, tok_t, cfg.seq_len, max_len_t)
 
     calib = [make_batch(i, calib_texts).to(cfg.device) for i in range(max(1, n_calib // cfg.batch_size))]
+    held = [make_batch(i, held_texts).to(cfg.device) for i in range(max(1, len(held_texts) // cfg.batch_size))
+            ] if held_texts else calib
     n_aligned = sum(b.num_aligned for b in calib)
     n_src_tokens = sum(int(b.mask_s.sum()) for b in calib)
     frac = n_aligned / max(1, n_src_tokens)
@@ -355,7 +380,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
             # The calibration batches are held out of training: the start (and, for --init scaled, its
             # scale) is judged on text training never sees, and so is the end (below).
             def held_out():
-                return held_out_kl(source, source_inner, tgt, wrappers, ports, calib, vocab, loop)
+                return held_out_kl(source, source_inner, tgt, wrappers, ports, held, vocab, loop)
 
             start_file = workdir / "start.json"
             if cfg.resume and start_file.exists():  # measured before the interrupt: same data, same start
@@ -413,7 +438,8 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
                 for (port, _), saved in zip(ports, start_heads):
                     port.load_state_dict(saved)
                 log(f"training raised the held-out KL ({start['held_out_kl']:.5g} -> {end_kl:.5g}): kept the start heads")
-            held_out_info = {"start": start["held_out_kl"], "end": end_kl, "kept": kept}
+            held_out_info = {"start": start["held_out_kl"], "end": end_kl, "kept": kept,
+                             "text": "samples from --prompts" if held_texts else "calibration (general) text"}
             if cache is not None:
                 teacher_info = {"teacher_cache": str(cfg.teacher_cache), "steps_read": cache.hits,
                                 "steps_computed": cache.misses}

@@ -40,8 +40,12 @@ def markdown_table(table: dict) -> str:
     lines.append("| **mean** | | | | | " + " | ".join(
         f"{_fmt(sum(a for a, _ in means[m]) / len(means[m]))} / {_fmt(sum(b for _, b in means[m]) / len(means[m]))}"
         if means[m] else "" for m in methods) + " |")
+    not_free = list(dict.fromkeys(r["method"] for r in rows if r.get("task_prompts")))
     text = ("Cells: ratio / gap recovered. base / retrained: test loss (shakespeare, kjv) or exact-match "
-            "accuracy (greet, echo, facts); LoRA gain = |base - retrained|, flagged below 0.05.\n\n") + "\n".join(lines) + "\n"
+            "accuracy (greet, echo, facts); LoRA gain = |base - retrained|, flagged below 0.05."
+            + (f" Not data-free: {', '.join(not_free)} sampled its training text from the task's unlabelled "
+               "training prompts (`--prompts`; answers never read)." if not_free else "")
+            + "\n\n") + "\n".join(lines) + "\n"
     return text + _completion_table(rows, methods)
 
 

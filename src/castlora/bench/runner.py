@@ -77,6 +77,12 @@ METHODS: dict[str, dict] = {
     "cast_auto_gen_zd": {"teacher": "auto", "generate": -1, "init": "zero-delta", "lr": 1e-2},
     "imitation_auto_gen_zd": {"teacher": "auto", "teacher_lora": False, "generate": -1, "init": "zero-delta",
                               "lr": 1e-2},
+    # NOT data-free: the exact-match recipe with every text sampled from the task's training prompts (their
+    # answers never read; `castlora translate --prompts`), for the user who has unlabelled prompts. Exact-match
+    # tasks only (an LM task has no prompts). Its control samples from the same prompts.
+    "cast_prompts_zd": {"teacher": "auto", "generate": -1, "init": "zero-delta", "lr": 1e-2, "prompts": "task"},
+    "imitation_prompts_zd": {"teacher": "auto", "teacher_lora": False, "generate": -1, "init": "zero-delta",
+                             "lr": 1e-2, "prompts": "task"},
 }
 PAIRS = ("llama->llama", "llama->mistral", "llama->neox", "mistral->llama", "neox->llama")
 # facts is not in the default list: no zoo LoRA learnt it until session 27, and now they score only 0.22-0.24
@@ -234,6 +240,13 @@ def bench(cfg: BenchConfig, log=print) -> dict:
         return str(path)
 
     tasks = {t: get_task(t, root, out / "tasks", cfg.seed) for t in cfg.tasks}
+
+    def task_prompts(task: str) -> Path:
+        """The training split's prompts without their answers, for the rows that use them (not data-free)."""
+        path = out / "tasks" / f"{task}_train_prompts.jsonl"
+        write_text_atomic(path, "".join(json.dumps({"prompt": e["prompt"]}) + "\n"
+                                        for e in load_examples(tasks[task].train)))
+        return path
     stale = [f"{out / 'loras' / f'{m}_{t}'}: {', '.join(d)}" for t in cfg.tasks
              for m in sorted({m for p in cfg.pairs for m in p.split("->")})
              if (d := _recipe_differs(out / "loras" / f"{m}_{t}", cfg.lora_recipe(tasks[t].kind),
@@ -295,6 +308,11 @@ def bench(cfg: BenchConfig, log=print) -> dict:
                          "note": "source model with its LoRA" + (" (loss in the source tokenizer's units)" if lm else "")})
             for method in cfg.methods:
                 opts = dict(METHODS[method])
+                if opts.get("prompts") == "task":
+                    if lm:
+                        log(f"{pair:16s} {task:12s} {method:16s} skipped: an LM task has no prompts")
+                        continue
+                    opts["prompts"] = [str(task_prompts(task))]
                 if opts.get("generate") == -1:
                     opts["generate"] = cfg.generate
                     opts.setdefault("mix", cfg.mix)
@@ -314,7 +332,8 @@ def bench(cfg: BenchConfig, log=print) -> dict:
                     "aligned_fraction": rec["alignment"]["calibration_aligned_fraction"],
                     "shared_vocab": rec["alignment"]["shared_vocab"],
                     "kl_first": curve[0]["kl"] if curve else None, "kl_last": curve[-1]["kl"] if curve else None,
-                    "generated_texts": rec.get("generated_texts", 0), "teacher": rec["teacher"], "options": opts})
+                    "generated_texts": rec.get("generated_texts", 0), "teacher": rec["teacher"], "options": opts,
+                    **({"task_prompts": rec["task_prompts"]} if "task_prompts" in rec else {})})
     table = save()
     from .report import write_report
     write_report(table, out)
