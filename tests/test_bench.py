@@ -75,7 +75,8 @@ def test_report_table_and_chart(tmp_path):
     assert "| **mean** |" in md and "0.860 / 0.650" in md and "Not data-free" not in md
     # a row that sampled its text from the task's prompts is named as not data-free under the table
     md = markdown_table({"rows": [*rows, {**rows[2], "method": "cast_prompts_zd", "task_prompts": 400}]})
-    assert "Not data-free: cast_prompts_zd sampled its training text from the task's unlabelled" in md
+    assert "Not data-free (training text sampled from the task's unlabelled training prompts" in md
+    assert "answers never read): cast_prompts_zd." in md
     plot_gap({"rows": rows}, tmp_path / "g.png")
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
     # a method run on one cell only draws no bar in the others (not a full 1.5 bar), and values are clipped

@@ -144,7 +144,9 @@ class TranslateConfig:
                             "field; answers are never read): --generate samples every text from a whole prompt instead "
                             "of a general document start, so the teacher shows the LoRA on the inputs it was trained "
                             "for. Prompts are task data, so such a port is no longer data-free (castlora.json: "
-                            "task_prompts). --corpus still gives the calibration and strength text")
+                            "task_prompts). --corpus still gives the calibration and strength text. The bench's "
+                            "recipe, chosen on validation prompts: --init zero-delta --lr 3e-3 (docs/results.md, "
+                            "session 28)")
     device: str = opt("cpu", "torch device")
     device_map: str = opt("", "load both models sharded through accelerate: 'auto' (all GPUs, then CPU) or a "
                               "JSON module->device map, one for both models or {\"source\": {...}, \"target\": "

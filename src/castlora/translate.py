@@ -207,8 +207,8 @@ def _training_texts(cfg, docs, tok_s, source, n_needed, log, task_prompts=()) ->
                 info.update({"mined_windows": len(windows), "prompt_effect": {
                     "max": effects[0], "median": effects[len(effects) // 2], "min": effects[-1]}})
             with lora_scaled(source, cfg.generate_lora_weight):
-                gen = sample_texts(source, tok_s, prompts, n_gen + n_held, max_new_tokens=cfg.seq_len, top_k=cfg.top_k,
-                                   prompt_tokens=prompt_tokens, batch_size=gen_batch, seed=cfg.seed,
+                gen = sample_texts(source, tok_s, prompts, n_gen + n_held, max_new_tokens=cfg.seq_len,
+                                   top_k=cfg.top_k, prompt_tokens=prompt_tokens, batch_size=gen_batch, seed=cfg.seed,
                                    progress=cfg.progress)
             if saved:
                 saved.parent.mkdir(parents=True, exist_ok=True)
