@@ -33,10 +33,10 @@ from pathlib import Path
 from peft import PeftModel
 
 from castlora.bench import BenchConfig
-from castlora.bench.tasks import get_task
+from castlora.bench.tasks import get_task, train_prompts
 from castlora.corpus import read_documents
 from castlora.demo import shared_dir
-from castlora.evaluate import completion_loss, exact_match, load_examples, text_loss
+from castlora.evaluate import completion_loss, exact_match, text_loss
 from castlora.models import load_model, load_tokenizer
 from castlora.safe_io import write_text_atomic
 from castlora.train_lora import train_lora
@@ -91,12 +91,9 @@ for v in variants:
         Path(corpus).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(corpus, "".join(json.dumps({"text": d}) + "\n" for d in read_documents(train.train)[:-1]))
     if corpus == "prompts":  # the training split's prompts alone, without their answers (exact-match tasks)
-        corpus = str(out / "tasks" / "train_prompts.jsonl")
-        write_text_atomic(corpus, "".join(json.dumps({"text": e["prompt"]}) + "\n" for e in load_examples(train.train)))
-    if opts.get("prompts") == "train":  # the training split's prompts, answers never read: `translate --prompts`
-        opts["prompts"] = [str(out / "tasks" / "train_prompts.jsonl")]
-        write_text_atomic(opts["prompts"][0], "".join(json.dumps({"prompt": e["prompt"]}) + "\n"
-                                                      for e in load_examples(train.train)))
+        corpus = str(train_prompts(train, out / "tasks"))
+    if opts.get("prompts") == "train":  # the same prompts through `translate --prompts`
+        opts["prompts"] = [str(train_prompts(train, out / "tasks"))]
     t0 = time.perf_counter()
     res = translate(source=str(shared / "zoo" / src), adapter=src_lora, target=str(shared / "zoo" / tgt),
                     corpus=[corpus], out=str(out / "ports" / name),

@@ -10,7 +10,7 @@ import torch
 
 from castlora.bench import BenchConfig, bench
 from castlora.bench.report import bar_heights, markdown_table, plot_gap
-from castlora.bench.tasks import make_echo, make_facts, make_greet
+from castlora.bench.tasks import make_echo, make_facts, make_greet, train_prompts
 from castlora.evaluate import retention
 from conftest import shared_path
 
@@ -31,6 +31,17 @@ def test_tasks_are_deterministic_and_test_phrasing_is_held_out(tmp_path):
     for t in test:
         name = t["prompt"].split("home to ")[1].rstrip("? A:")
         assert f"{name} lives in{t['completion']}" in texts
+
+
+def test_train_prompts_hold_every_training_prompt_and_no_answer(tmp_path):
+    from castlora.corpus import read_corpus, read_prompts
+
+    task = make_greet(tmp_path / "g", seed=0)
+    path = train_prompts(task, tmp_path / "g")
+    train = _read(task.train)
+    # the same prompts through --prompts and --corpus; the answers' text is nowhere in the file
+    assert read_prompts([str(path)]) == read_corpus([str(path)]) == [r["prompt"] for r in train]
+    assert "Welcome to the club" not in path.read_text() and "Welcome to the club" in task.train.read_text()
 
 
 def test_greet_test_names_unseen():

@@ -46,10 +46,10 @@ def read_documents(path: str | Path, prompts_only: bool = False) -> list[str]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise CorpusError(f"{path}:{n} is not a JSON line: {e}") from e
-            if prompts_only and ("prompt" in rec or "text" in rec):
+            if prompts_only:
+                if "prompt" not in rec and "text" not in rec:
+                    raise CorpusError(f"{path}:{n} has neither a 'prompt' nor a 'text' field")
                 docs.append(str(rec["prompt"] if "prompt" in rec else rec["text"]))
-            elif prompts_only:
-                raise CorpusError(f"{path}:{n} has neither a 'prompt' nor a 'text' field")
             elif "text" in rec:
                 docs.append(str(rec["text"]))
             elif "prompt" in rec and "completion" in rec:

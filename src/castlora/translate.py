@@ -75,9 +75,6 @@ def check_inputs(cfg: TranslateConfig) -> None:
     read_adapter_folder(cfg.adapter, cfg.allow_pickle)
     for c in [*cfg.corpus, *cfg.strength_corpus]:
         check_corpus_path(str(c))
-    for p in cfg.prompts:
-        if not Path(p).is_file():
-            raise CorpusError(f"prompts file {p} does not exist (--prompts takes .txt, .txt.gz or .jsonl files)")
     if cfg.prompts and (cfg.steps == 0 or cfg.generate == 0 or cfg.mix == 0 or cfg.generate_from != "doc-start"):
         raise CastloraError("--prompts are what --generate samples from, and this run samples nothing from them "
                             f"(--steps {cfg.steps}, --generate {cfg.generate}, --mix {cfg.mix:g}, --generate-from "
@@ -215,6 +212,9 @@ def _training_texts(cfg, docs, tok_s, source, n_needed, log, task_prompts=()) ->
                 write_text_atomic(saved, json.dumps({"key": key, "texts": gen}))
         if n_held:
             gen, info["held_out_texts"] = gen[:-n_held], gen[-n_held:]
+        if task_prompts:  # the record and the log say plainly that this port saw task data
+            info["task_prompts"] = len(task_prompts)
+            log(f"trained on text sampled from {len(task_prompts)} task prompts (--prompts): this port is not data-free")
         info.update({"generated_texts": len(gen), "generated_chars": sum(map(len, gen)),
                      "generate_batch_size": gen_batch, **({"held_out_generated": n_held} if n_held else {}),
                      "generation_seconds": round(time.perf_counter() - t0, 1)})
@@ -248,7 +248,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
 
     docs = read_corpus(cfg.corpus)  # empty, unreadable or non-UTF-8 text fails before any model loads
     strength_docs = read_corpus(cfg.strength_corpus) if cfg.strength_corpus else []
-    task_prompts = read_prompts(cfg.prompts) if cfg.prompts else []
+    task_prompts = read_prompts(cfg.prompts) if cfg.prompts else []  # a missing file fails here, before any model
 
     log(f"loading {cfg.source} and {cfg.target}")
     src_base = load_model(cfg.source, cfg.dtype, cfg.device, device_map=_device_map(cfg.device_map, "source"),
@@ -266,9 +266,6 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
 
     n_needed = max(cfg.steps, 1) * cfg.batch_size
     texts, gen_info = _training_texts(cfg, docs, tok_s, source, n_needed, log, task_prompts)
-    if task_prompts:  # the record says plainly that this port saw task data
-        gen_info["task_prompts"] = len(task_prompts)
-        log(f"generating from {len(task_prompts)} task prompts (--prompts): this port is not data-free")
     n_calib = min(len(texts), cfg.calib_batches * cfg.batch_size)
     calib_texts, train_texts = texts[:n_calib], texts[n_calib:] or texts
     held_texts = gen_info.pop("held_out_texts", None)  # --prompts: samples from the prompts, held out of training

@@ -23,7 +23,7 @@ from ..errors import CastloraError
 from ..evaluate import completion_loss, exact_match, load_examples, retention, text_loss
 from ..safe_io import write_text_atomic
 from ..train_lora import COMPLETION_TOKENS, SCHEDULES
-from .tasks import ALL_TASKS, get_task
+from .tasks import ALL_TASKS, get_task, train_prompts
 
 # method -> translate() options (generate -1: BenchConfig.generate texts from source+LoRA, capped at --mix
 # of the stream, BenchConfig.mix unless the row names its own; -1 there too: --mix's share; 0: general text
@@ -242,13 +242,6 @@ def bench(cfg: BenchConfig, log=print) -> dict:
         return str(path)
 
     tasks = {t: get_task(t, root, out / "tasks", cfg.seed) for t in cfg.tasks}
-
-    def task_prompts(task: str) -> Path:
-        """The training split's prompts without their answers, for the rows that use them (not data-free)."""
-        path = out / "tasks" / f"{task}_train_prompts.jsonl"
-        write_text_atomic(path, "".join(json.dumps({"prompt": e["prompt"]}) + "\n"
-                                        for e in load_examples(tasks[task].train)))
-        return path
     stale = [f"{out / 'loras' / f'{m}_{t}'}: {', '.join(d)}" for t in cfg.tasks
              for m in sorted({m for p in cfg.pairs for m in p.split("->")})
              if (d := _recipe_differs(out / "loras" / f"{m}_{t}", cfg.lora_recipe(tasks[t].kind),
@@ -314,7 +307,7 @@ def bench(cfg: BenchConfig, log=print) -> dict:
                     if lm:
                         log(f"{pair:16s} {task:12s} {method:16s} skipped: an LM task has no prompts")
                         continue
-                    opts["prompts"] = [str(task_prompts(task))]
+                    opts["prompts"] = [str(train_prompts(tasks[task], out / "tasks"))]
                 if opts.get("generate") == -1:
                     opts["generate"] = cfg.generate
                     opts.setdefault("mix", cfg.mix)

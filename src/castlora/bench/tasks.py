@@ -53,6 +53,15 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def train_prompts(task: Task, folder: Path) -> Path:
+    """The training split's prompts without their answers, one `text` line each (read alike by `--prompts` and
+    `--corpus`): what a user who kept the prompts but lost the answers holds. Exact-match tasks only."""
+    rows = [json.loads(line) for line in task.train.read_text().splitlines() if line.strip()]
+    path = folder / f"{task.name}_train_prompts.jsonl"
+    _write_jsonl(path, [{"text": r["prompt"]} for r in rows])
+    return path
+
+
 def make_facts(folder: Path, seed: int = 0, n_people: int = 120, repeats: int = 4) -> Task:
     rng = random.Random(seed)
     people = [(n, rng.choice(TOWNS), rng.choice(JOBS)) for n in _names(rng, n_people)]
