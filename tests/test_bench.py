@@ -86,7 +86,7 @@ def test_report_table_and_chart(tmp_path):
     assert "| **mean** |" in md and "0.860 / 0.650" in md and "Not data-free" not in md
     # a row that sampled its text from the task's prompts is named as not data-free under the table
     md = markdown_table({"rows": [*rows, {**rows[2], "method": "cast_prompts_zd", "task_prompts": 400}]})
-    assert "Not data-free (training text sampled from the task's unlabelled training prompts" in md
+    assert "Not data-free (they read the task's unlabelled training prompts" in md
     assert "answers never read): cast_prompts_zd." in md
     plot_gap({"rows": rows}, tmp_path / "g.png")
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
@@ -158,10 +158,14 @@ def test_every_bench_method_is_valid_translate_options_with_its_control_beside_i
     from castlora.config import TranslateConfig, build
 
     for name, opts in METHODS.items():
-        # unknown keys or choices raise; "task" is the runner's word for the task's training prompts file
-        build(TranslateConfig, {}, {k: (["prompts.jsonl"] if v == "task" else v) for k, v in opts.items()})
-    # the rows that read the task's prompts are not data-free, and their names say so
-    assert {n for n, o in METHODS.items() if "prompts" in o} == {"cast_prompts_zd", "imitation_prompts_zd"}
+        # unknown keys or choices raise; "task" is the runner's word for the task's training prompts file, "lora"
+        # for the steps and lr of the task's LoRA recipe
+        build(TranslateConfig, {}, {k: (["prompts.jsonl"] if v == "task" else {"steps": 800, "lr": 5e-3}[k]
+                                        if v == "lora" else v) for k, v in opts.items()})
+    # the rows that read the task's prompts are not data-free: the prompts rows, and the LoRA on the source's answers
+    assert {n for n, o in METHODS.items() if "prompts" in o} == {"cast_prompts_zd", "imitation_prompts_zd",
+                                                                   "source_labels"}
+    assert METHODS["source_labels"]["transfer"] == "labels"
     # each CAST row's imitation control is the same run with the LoRA off in the teacher only
     controls = [name for name, opts in METHODS.items() if opts.get("teacher_lora") is False]
     assert len(controls) >= 7 and all(name.startswith("imitation_") for name in controls)

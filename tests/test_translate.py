@@ -25,6 +25,9 @@ from castlora.errors import CastloraError, CorpusError
 from castlora.export import export_peft, module_factors
 from castlora.families import model_sites
 from castlora.generate import lora_scaled
+from castlora.config import TranslateConfig
+from castlora.labels import greedy_answers
+from castlora.translate import resolve_auto
 from castlora.losses import kl_divergence, shared_log_probs
 from castlora.models import load_model, load_tokenizer
 from castlora.site_map import map_sites, proportional_layer_map, uncovered_layers
@@ -531,7 +534,15 @@ def test_prompts_start_every_generated_text_and_their_answers_are_never_read(fol
     # the start and the end are judged on more samples from the prompts, held out of training, not on general text
     assert rec["held_out_generated"] == 2 and rec["held_out_kl"]["text"] == "samples from --prompts"
     assert any("not data-free" in line for line in lines), lines
+    # --init auto and --lr auto mean the prompts recipe (zero-delta, 3e-3), recorded as used; given ones are kept
+    assert (rec["config"]["init"], rec["config"]["lr"]) == ("zero-delta", 3e-3) and rec["init"]["zero_output_heads"]
+    assert any("--lr auto with --prompts: 0.003" in line for line in lines), lines
+    assert any("--transfer labels" in line and "ported better" in line for line in lines), lines  # the hint
+    rec = _run(folders, tmp_path / "given", steps=2, prompts=[str(prompts)], init="scaled", lr=1e-2).record
+    assert (rec["config"]["init"], rec["config"]["lr"]) == ("scaled", 1e-2)
     for bad, why in ((dict(prompts=[str(tmp_path / "missing.jsonl")]), "prompts file .*missing.jsonl does not exist"),
+                     (dict(lr=0.0), "--lr must be a number > 0, or -1 for auto"),
+                     (dict(lr=float("nan")), "--lr must be a number > 0"),
                      (dict(prompts=[str(prompts)], steps=0), "samples nothing from them"),
                      (dict(prompts=[str(prompts)], generate=0), "samples nothing from them"),
                      (dict(prompts=[str(prompts)], generate_from="lora-effect"), "samples nothing from them")):
@@ -544,11 +555,65 @@ def test_prompts_start_every_generated_text_and_their_answers_are_never_read(fol
         read_prompts([str(unlabelled)])
 
 
+def test_labels_train_the_target_on_the_sources_own_answers_to_the_prompts(folders, tmp_path):
+    # --transfer labels: the source with its LoRA answers each prompt (greedy), the answers (not the file's
+    # completions) become the completions of an ordinary LoRA on the target, of the source LoRA's shape
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": f"Greet Ka{'lo' * i}ren ->", "completion": " SECRETANSWER"} for i in range(3)]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in [*rows, rows[0]]))  # a repeated prompt: answered once
+    out = tmp_path / "labels_port"
+    lines = []
+    rec = castlora.translate(source=str(folders["llama"]), adapter=str(folders["adapter"]), target=str(folders["neox"]),
+                             out=str(out), transfer="labels", prompts=[str(prompts)], steps=2, batch_size=2,
+                             seq_len=16, progress=False, log=lambda *a, **k: lines.append(" ".join(map(str, a)))).record
+    src = PeftModel.from_pretrained(load_model(str(folders["llama"])), str(folders["adapter"])).eval()
+    want = greedy_answers(src, load_tokenizer(str(folders["llama"])), [r["prompt"] for r in rows], max_new_tokens=16)
+    labels = [json.loads(line) for line in (out / "labels.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["completion"]) for r in labels] == [(r["prompt"], a) for r, a in zip(rows, want) if a.strip()]
+    assert "SECRETANSWER" not in (out / "labels.jsonl").read_text()
+    assert rec["transfer"] == "labels" and rec["config"]["lr"] == 5e-3  # lr auto
+    assert (rec["task_prompts"], rec["labels"]["distinct_prompts"]) == (4, 3)
+    assert any("not data-free" in line for line in lines), lines
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"]) == (4, 8)  # the source LoRA's rank and alpha, on neox's fused q, v
+    assert sorted(cfg["target_modules"]) == [f"gpt_neox.layers.{i}.attention.query_key_value" for i in range(2)]
+    tgt = PeftModel.from_pretrained(load_model(str(folders["neox"])), str(out))
+    assert any(v.abs().max() > 0 for k, v in get_peft_model_state_dict(tgt).items() if "lora_B" in k)  # it trained
+    for bad, why in ((dict(), "give them as --prompts FILE"), (dict(prompts=[str(prompts)], steps=0), "--steps >= 1 \\(or -1, auto\\)")):
+        with pytest.raises(CastloraError, match=why):
+            castlora.translate(source=str(folders["llama"]), adapter=str(folders["adapter"]), target=str(folders["neox"]),
+                               out=str(tmp_path / "bad"), transfer="labels", **{"steps": 2, **bad}, **QUIET)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_auto_steps_init_and_lr_per_transfer():
+    # -1 / auto resolve to what was measured for each kind of port; values given are kept
+    quiet = dict(log=lambda *a, **k: None)
+    for opts, want in ((dict(), (300, "scaled", 3e-2)), (dict(steps=0), (0, "closed-form", 3e-2)),
+                       (dict(prompts=["p.jsonl"]), (300, "zero-delta", 3e-3)),
+                       (dict(prompts=["p.jsonl"], transfer="labels"), (800, "zero-delta", 5e-3)),
+                       (dict(prompts=["p.jsonl"], transfer="labels", steps=50, lr=1e-3), (50, "zero-delta", 1e-3))):
+        cfg = TranslateConfig(**opts)
+        resolve_auto(cfg, **quiet)
+        assert (cfg.steps, cfg.init, cfg.lr) == want, opts
+
+
+def test_greedy_answers_batched_as_one_at_a_time(folders):
+    # left padding: a batch of prompts of different lengths gets the answers each prompt gets alone
+    model, tok = load_model(str(folders["llama"])), load_tokenizer(str(folders["llama"]))
+    prompts = ["Greet Ka ->", "Greet Kalolololoren, the third ->", "Hello"]
+    together = greedy_answers(model, tok, prompts, max_new_tokens=6, batch_size=3)
+    assert together == [greedy_answers(model, tok, [p], max_new_tokens=6)[0] for p in prompts]
+    assert all(tok.decode(tok(p + a)["input_ids"], skip_special_tokens=True).startswith(p) for p, a in zip(prompts, together))
+
+
 def test_generate_batch_size_auto_on_cpu_explicit_and_bad(folders, tmp_path):
     # 0 (auto) samples 16 texts at a time on the CPU; an explicit size is used and recorded, and the
     # stream still holds every text it asked for
     rec = _run(folders, tmp_path / "auto", steps=2).record
     assert rec["config"]["generate_batch_size"] == 0 and rec["generate_batch_size"] == 16
+    assert (rec["config"]["init"], rec["config"]["lr"]) == ("scaled", 3e-2)  # auto without --prompts
+    assert TranslateConfig().steps == -1 and _run(folders, tmp_path / "zero", steps=0).record["config"]["init"] == "closed-form"
     rec = _run(folders, tmp_path / "one", steps=2, generate_batch_size=1).record
     assert rec["generate_batch_size"] == 1 and rec["generated_texts"] == 4
     with pytest.raises(CastloraError, match="--generate-batch-size must be >= 0"):

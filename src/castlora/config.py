@@ -25,14 +25,19 @@ class TranslateConfig:
     target: str = opt("", "target model: local folder or hub id")
     corpus: list = opt([], "general text: .txt/.txt.gz/.jsonl files or a `datasets` name")
     out: str = opt("", "output folder (PEFT adapter + heads + castlora.json)")
-    transfer: str = opt("cast", "cast: learned heads; weight-space: the data-free Cross-LoRA style baseline",
-                        ("cast", "weight-space"))
-    steps: int = opt(300, "head-training steps; 0 = the closed-form transfer alone (CAST-0)")
+    transfer: str = opt("cast", "cast: learned heads; weight-space: the data-free Cross-LoRA style baseline; labels "
+                                "(needs --prompts, not data-free): the source with its LoRA answers every prompt and a "
+                                "LoRA of the same shape is trained on the target on those answers (--steps, --lr, "
+                                "--batch-size, --seq-len are its; docs/results.md, session 29)",
+                        ("cast", "weight-space", "labels"))
+    steps: int = opt(-1, "head-training steps; 0 = the closed-form transfer alone (CAST-0); -1 = auto: 300, or with "
+                         "--transfer labels the LoRA's 800")
     batch_size: int = opt(8, "texts per step")
     seq_len: int = opt(256, "source tokens per text")
-    lr: float = opt(3e-2, "peak learning rate of the heads (AdamW, warmup then cosine). On shakespeare validation "
-                          "text 1e-2 beat 2e-3 by +0.06 to +0.14 of the gap, and 3e-2 beat 1e-2 by +0.02 to +0.04 "
-                          "(docs/results.md)")
+    lr: float = opt(-1.0, "peak learning rate of the heads (AdamW, warmup then cosine); -1 = auto: 3e-2, or 3e-3 "
+                          "with --prompts, 5e-3 with --transfer labels. On shakespeare validation text 1e-2 beat 2e-3 by +0.06 to +0.14 of the gap, "
+                          "and 3e-2 beat 1e-2 by +0.02 to +0.04; on greet validation names with --prompts 3e-3 "
+                          "answered 0.633 / 0.617 exactly, 1e-2 0.167 / 0.533 (docs/results.md, sessions 5 and 28)")
     alpha: float = opt(1.0, "weight of the KL term")
     beta: float = opt(0.1, "weight of the relative-MSE term. On shakespeare validation text (blend) 0 gave +0.017 "
                            "(neox->llama) and +0.000 (mistral->llama) of the gap, 1 gave -0.010 (docs/results.md)")
@@ -111,7 +116,7 @@ class TranslateConfig:
                             "= CAST-0 with the output heads scaled by the factor in {0, 1/4, 1/2, 3/4, 1} that "
                             "fits the teacher best on the held-out calibration text; scaled-ridge = scaled, with "
                             "the output heads' ridge also searched (cross-validated or 1e-3, 1e-2, 1e-1) by the same "
-                            "KL; auto = closed-form when --steps 0, scaled when training",
+                            "KL; auto = closed-form when --steps 0, zero-delta when training with --prompts, else scaled",
                    ("auto", "closed-form", "zero-delta", "scaled", "scaled-ridge", "random"))
     ridge: float = opt(-1.0, "relative ridge penalty of the closed-form start; -1 = chosen per head by 2-fold "
                              "cross-validation on the calibration text")
@@ -144,9 +149,9 @@ class TranslateConfig:
                             "field; answers are never read): --generate samples every text from a whole prompt instead "
                             "of a general document start, so the teacher shows the LoRA on the inputs it was trained "
                             "for. Prompts are task data, so such a port is no longer data-free (castlora.json: "
-                            "task_prompts). --corpus still gives the calibration and strength text. The bench's "
-                            "recipe, chosen on validation prompts: --init zero-delta --lr 3e-3 (docs/results.md, "
-                            "session 28)")
+                            "task_prompts). --corpus still gives the calibration and strength text. With it --init "
+                            "auto and --lr -1 (auto) mean the bench's recipe, chosen on validation prompts: "
+                            "--init zero-delta --lr 3e-3 (docs/results.md, sessions 28-29)")
     device: str = opt("cpu", "torch device")
     device_map: str = opt("", "load both models sharded through accelerate: 'auto' (all GPUs, then CPU) or a "
                               "JSON module->device map, one for both models or {\"source\": {...}, \"target\": "

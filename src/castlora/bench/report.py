@@ -43,8 +43,9 @@ def markdown_table(table: dict) -> str:
     not_free = list(dict.fromkeys(r["method"] for r in rows if r.get("task_prompts")))
     text = ("Cells: ratio / gap recovered. base / retrained: test loss (shakespeare, kjv) or exact-match "
             "accuracy (greet, echo, facts); LoRA gain = |base - retrained|, flagged below 0.05."
-            + (" Not data-free (training text sampled from the task's unlabelled training prompts, `--prompts`; "
-               f"answers never read): {', '.join(not_free)}." if not_free else "")
+            + (" Not data-free (they read the task's unlabelled training prompts, `--prompts`: CAST's text sampled "
+               "from them, or, `--transfer labels`, the source's answers to them; the true answers never read): "
+               f"{', '.join(not_free)}." if not_free else "")
             + "\n\n") + "\n".join(lines) + "\n"
     return text + _completion_table(rows, methods)
 

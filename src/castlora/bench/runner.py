@@ -85,6 +85,10 @@ METHODS: dict[str, dict] = {
     "cast_prompts_zd": {"teacher": "auto", "generate": -1, "init": "zero-delta", "lr": 3e-3, "prompts": "task"},
     "imitation_prompts_zd": {"teacher": "auto", "teacher_lora": False, "generate": -1, "init": "zero-delta",
                              "lr": 3e-3, "prompts": "task"},
+    # NOT data-free, beside the prompts rows: the source with its LoRA answers the same training prompts and a LoRA
+    # is trained on the target on those answers (`--transfer labels`), with the retrained LoRA's own recipe ("lora":
+    # its steps and lr), so the one difference from the retrained row is whose answers it learns (session 29)
+    "source_labels": {"transfer": "labels", "prompts": "task", "steps": "lora", "lr": "lora"},
 }
 PAIRS = ("llama->llama", "llama->mistral", "llama->neox", "mistral->llama", "neox->llama")
 # facts is not in the default list: no zoo LoRA learnt it until session 27, and now they score only 0.22-0.24
@@ -308,6 +312,9 @@ def bench(cfg: BenchConfig, log=print) -> dict:
                         log(f"{pair:16s} {task:12s} {method:16s} skipped: an LM task has no prompts")
                         continue
                     opts["prompts"] = [str(train_prompts(tasks[task], out / "tasks"))]
+                for key in ("steps", "lr"):
+                    if opts.get(key) == "lora":  # as the source and retrained LoRAs of this task are trained
+                        opts[key] = cfg.lora_recipe(tasks[task].kind)[key]
                 if opts.get("generate") == -1:
                     opts["generate"] = cfg.generate
                     opts.setdefault("mix", cfg.mix)
@@ -320,15 +327,17 @@ def bench(cfg: BenchConfig, log=print) -> dict:
                                    "seed": cfg.seed if cfg.cast_seed < 0 else cfg.cast_seed, **opts},
                                 overwrite=True, progress=False, log=lambda *_: None)
                 rec = res.record
-                curve = rec["loss_curve"]
+                curve, align = rec.get("loss_curve"), rec.get("alignment", {})  # --transfer labels has neither
                 row(method, score(tgt, str(port), task), {
-                    "seconds": round(time.perf_counter() - t0, 1), "train_seconds": rec["train_seconds"],
-                    "steps": rec["config"]["steps"], "tokens_seen": rec["corpus_tokens_seen"],
-                    "aligned_fraction": rec["alignment"]["calibration_aligned_fraction"],
-                    "shared_vocab": rec["alignment"]["shared_vocab"],
+                    "seconds": round(time.perf_counter() - t0, 1),
+                    "train_seconds": rec["train_seconds"] if "train_seconds" in rec else rec["lora"]["seconds"],
+                    "steps": rec["config"]["steps"], "tokens_seen": rec.get("corpus_tokens_seen"),
+                    "aligned_fraction": align.get("calibration_aligned_fraction"),
+                    "shared_vocab": align.get("shared_vocab"),
                     "kl_first": curve[0]["kl"] if curve else None, "kl_last": curve[-1]["kl"] if curve else None,
-                    "generated_texts": rec.get("generated_texts", 0), "teacher": rec["teacher"], "options": opts,
-                    **({"task_prompts": rec["task_prompts"]} if "task_prompts" in rec else {})})
+                    "generated_texts": rec.get("generated_texts", 0), "teacher": rec.get("teacher"), "options": opts,
+                    **({"task_prompts": rec["task_prompts"]} if "task_prompts" in rec else {}),
+                    **({"labels": rec["labels"], "lora_final_loss": rec["lora"]["final_loss"]} if "labels" in rec else {})})
     table = save()
     from .report import write_report
     write_report(table, out)

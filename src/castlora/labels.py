@@ -1,0 +1,110 @@
+"""`--transfer labels`: with the task's prompts, the plainest port. The source with its LoRA answers every
+prompt (greedy), and an ordinary LoRA of the source LoRA's shape (rank, alpha, roles) is trained on the target
+with those answers as the completions (sequence-level distillation). No heads, no alignment, no shared
+vocabulary: the target learns the behaviour in its own tokens. Not data-free (it needs --prompts).
+
+On greet validation names it beat CAST with the same prompts on every pair measured (docs/results.md,
+session 29): the answer a prompt gets, written out, carries a copy of the name in the target's own
+tokenization, which CAST's KL sees only where both tokenizers put a boundary."""
+
+from __future__ import annotations
+
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .adapters import load_adapter
+from .config import TranslateConfig, to_dict
+from .errors import CastloraError
+from .families import model_sites
+from .models import load_model, load_tokenizer
+from .safe_io import atomic_folder
+from .train_lora import train_lora
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 16,
+                   progress: bool = False) -> list[str]:
+    """The model's greedy continuation of each prompt, up to its EOS, as the text that follows the prompt
+    (the whole sequence decoded and the prompt's own text cut off, so a leading space survives: decoding
+    the new tokens alone drops it for sentencepiece tokenizers)."""
+    device = next(model.parameters()).device
+    old = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # every prompt ends where generation starts
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    answers = []
+    try:
+        for i in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="answers", dynamic_ncols=True):
+            chunk = prompts[i:i + batch_size]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+            out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad)
+            for row, ids in zip(enc["input_ids"], out):
+                head = tokenizer.decode(row, skip_special_tokens=True)
+                whole = tokenizer.decode(ids, skip_special_tokens=True)
+                answers.append(whole[len(head):] if whole.startswith(head) else
+                               tokenizer.decode(ids[len(row):], skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = old
+    return answers
+
+
+def port_by_labels(cfg: TranslateConfig, prompts: list[str], log=print) -> dict:
+    """Answer `prompts` with the source and its LoRA, train the target's LoRA on the answers, write it to
+    cfg.out (PEFT adapter + labels.jsonl + castlora.json, all at once). Returns castlora.json's record."""
+    from peft import PeftModel
+
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    log(f"loading {cfg.source} with its LoRA")
+    source = load_model(cfg.source, cfg.dtype, cfg.device, allow_pickle=cfg.allow_pickle,
+                        trust_remote_code=cfg.trust_remote_code)
+    lora = load_adapter(cfg.adapter, model_sites(source), cfg.allow_pickle)
+    source = PeftModel.from_pretrained(source, cfg.adapter, is_trainable=False).eval()
+    tok = load_tokenizer(cfg.source, cfg.trust_remote_code)
+    # The target's LoRA has the source LoRA's shape: its rank, its alpha per rank, its roles
+    rank = max(k.rank for k in lora.kernels)
+    alpha = float(lora.config.get("lora_alpha", rank))
+    roles = sorted({k.role for k in lora.kernels})
+    # Each distinct prompt once: a greedy answer repeats with its prompt, and a prompt the file holds many times
+    # (an empty one, say) would otherwise fill the training set with one answer
+    distinct = list(dict.fromkeys(prompts))
+    answers = greedy_answers(source, tok, distinct, max_new_tokens=cfg.seq_len, progress=cfg.progress)
+    del source
+    t_answers = time.perf_counter() - t0
+    empty = sum(not a.strip() for a in answers)
+    log(f"the source answered {len(distinct)} distinct task prompts in {t_answers:.1f} s ({empty} empty answers, "
+        "left out); this port is not data-free")
+    rows = [{"prompt": p, "completion": a} for p, a in zip(distinct, answers) if a.strip()]
+    if not rows:
+        raise CastloraError("the source with its LoRA gave an empty answer to every prompt of --prompts: nothing "
+                            "to train the target on (check that the prompts are the task's and the LoRA the source's)")
+    labels = "".join(json.dumps(r) + "\n" for r in rows)
+    with atomic_folder(cfg.out, overwrite=cfg.overwrite) as tmp, tempfile.TemporaryDirectory() as work:
+        data = Path(work) / "labels.jsonl"
+        data.write_text(labels, encoding="utf-8")
+        summary = train_lora(cfg.target, str(data), str(tmp), steps=cfg.steps, rank=rank, alpha=alpha, targets=roles,
+                             lr=cfg.lr, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
+                             device=cfg.device, dtype=cfg.dtype, overwrite=True, schedule="linear",
+                             progress=cfg.progress, log=log)
+        (tmp / "labels.jsonl").write_text(labels, encoding="utf-8")
+        record = {
+            "castlora_version": __version__, "transfer": "labels", "source": cfg.source, "target": cfg.target,
+            "adapter": cfg.adapter, "config": to_dict(cfg), "task_prompts": len(prompts),
+            "labels": {"distinct_prompts": len(distinct), "answered": len(rows), "empty": empty, "seconds": round(t_answers, 1),
+                       "mean_chars": round(sum(len(r["completion"]) for r in rows) / len(rows), 1)},
+            "lora": {k: summary[k] for k in ("rank", "alpha", "modules", "steps", "lr", "schedule", "final_loss",
+                                              "seconds")},
+            "hardware": {"device": cfg.device, "torch": torch.__version__, "platform": platform.platform(),
+                         "threads": torch.get_num_threads()},
+            "wall_seconds": round(time.perf_counter() - t0, 2),
+        }
+        (tmp / "castlora.json").write_text(json.dumps(record, indent=2))
+    log(f"wrote {cfg.out} (a LoRA trained on the source's answers, labels.jsonl, castlora.json) in "
+        f"{record['wall_seconds']} s")
+    return record
