@@ -579,7 +579,8 @@ def test_labels_train_the_target_on_the_sources_own_answers_to_the_prompts(folde
     assert sorted(cfg["target_modules"]) == [f"gpt_neox.layers.{i}.attention.query_key_value" for i in range(2)]
     tgt = PeftModel.from_pretrained(load_model(str(folders["neox"])), str(out))
     assert any(v.abs().max() > 0 for k, v in get_peft_model_state_dict(tgt).items() if "lora_B" in k)  # it trained
-    for bad, why in ((dict(), "give them as --prompts FILE"), (dict(prompts=[str(prompts)], steps=0), "--steps >= 1 \\(or -1, auto\\)")):
+    for bad, why in ((dict(), "give them as --prompts FILE"), (dict(prompts=[str(prompts)], steps=0), "--steps >= 1 \\(or -1, auto\\)"),
+                      (dict(prompts=[str(prompts)], device_map="auto"), "drop --device-map")):
         with pytest.raises(CastloraError, match=why):
             castlora.translate(source=str(folders["llama"]), adapter=str(folders["adapter"]), target=str(folders["neox"]),
                                out=str(tmp_path / "bad"), transfer="labels", **{"steps": 2, **bad}, **QUIET)

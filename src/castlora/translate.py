@@ -75,6 +75,9 @@ def check_inputs(cfg: TranslateConfig) -> None:
         if not cfg.prompts or cfg.steps == 0:
             raise CastloraError("--transfer labels trains the target on the source's answers to the task's prompts: "
                                 "give them as --prompts FILE, and --steps >= 1 (or -1, auto)")
+        if cfg.device_map or cfg.resume:
+            raise CastloraError("--transfer labels loads each model whole on --device and keeps no checkpoint: drop "
+                                f"{'--device-map' if cfg.device_map else '--resume'} (or use --transfer cast)")
     elif not cfg.corpus:
         raise CastloraError("--corpus is required: one or more general-text files (.txt, .txt.gz, .jsonl)")
     check_model_path(cfg.source, cfg.allow_pickle, "source model")
