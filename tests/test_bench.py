@@ -10,7 +10,7 @@ import torch
 
 from castlora.bench import BenchConfig, bench
 from castlora.bench.report import bar_heights, markdown_table, plot_gap
-from castlora.bench.tasks import make_echo, make_facts, make_greet, train_prompts
+from castlora.bench.tasks import fresh_prompts, make_echo, make_facts, make_greet, train_prompts
 from castlora.evaluate import retention
 from conftest import shared_path
 
@@ -42,6 +42,21 @@ def test_train_prompts_hold_every_training_prompt_and_no_answer(tmp_path):
     # the same prompts through --prompts and --corpus; the answers' text is nowhere in the file
     assert read_prompts([str(path)]) == read_corpus([str(path)]) == [r["prompt"] for r in train]
     assert "Welcome to the club" not in path.read_text() and "Welcome to the club" in task.train.read_text()
+
+
+def test_fresh_prompts_are_of_the_tasks_form_and_in_neither_split(tmp_path):
+    shared = shared_path()
+    for task in (make_greet(tmp_path / "t", 0), make_echo(tmp_path / "t", shared, 0)):
+        path = fresh_prompts(task, tmp_path / "t", shared)
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        prompts = [r["text"] for r in rows]
+        seen = {json.loads(line)["prompt"] for f in (task.train, task.test) for line in f.read_text().splitlines()}
+        assert len(prompts) == len(set(prompts)) == 400 and not set(prompts) & seen
+        assert all(set(r) == {"text"} for r in rows)  # prompts only, no answer
+        form = "Greet " if task.name == "greet" else "Say "
+        assert all(p.startswith(form) and p.endswith("->") for p in prompts)
+        assert fresh_prompts(task, tmp_path / "t", shared).read_text() == path.read_text()  # deterministic
+    assert fresh_prompts(make_facts(tmp_path / "t", 0), tmp_path / "t", shared) is None
 
 
 def test_greet_test_names_unseen():
@@ -88,6 +103,9 @@ def test_report_table_and_chart(tmp_path):
     md = markdown_table({"rows": [*rows, {**rows[2], "method": "cast_prompts_zd", "task_prompts": 400}]})
     assert "Not data-free (they read the task's unlabelled training prompts" in md
     assert "answers never read): cast_prompts_zd." in md
+    md = markdown_table({"rows": [*rows, {**rows[2], "method": "source_labels", "task_prompts": 400,
+                                          "prompt_set": "fresh"}]})
+    assert "the task's unlabelled fresh (in neither split) prompts" in md
     plot_gap({"rows": rows}, tmp_path / "g.png")
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
     # a method run on one cell only draws no bar in the others (not a full 1.5 bar), and values are clipped

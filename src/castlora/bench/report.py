@@ -41,9 +41,11 @@ def markdown_table(table: dict) -> str:
         f"{_fmt(sum(a for a, _ in means[m]) / len(means[m]))} / {_fmt(sum(b for _, b in means[m]) / len(means[m]))}"
         if means[m] else "" for m in methods) + " |")
     not_free = list(dict.fromkeys(r["method"] for r in rows if r.get("task_prompts")))
+    sets = sorted({r.get("prompt_set", "train") for r in rows if r.get("task_prompts")})  # older rows: train
+    which = " or ".join({"train": "training", "fresh": "fresh (in neither split)"}[x] for x in sets)
     text = ("Cells: ratio / gap recovered. base / retrained: test loss (shakespeare, kjv) or exact-match "
             "accuracy (greet, echo, facts); LoRA gain = |base - retrained|, flagged below 0.05."
-            + (" Not data-free (they read the task's unlabelled training prompts, `--prompts`: CAST's text sampled "
+            + (f" Not data-free (they read the task's unlabelled {which} prompts, `--prompts`: CAST's text sampled "
                "from them, or, `--transfer labels`, the source's answers to them; the true answers never read): "
                f"{', '.join(not_free)}." if not_free else "")
             + "\n\n") + "\n".join(lines) + "\n"

@@ -23,7 +23,7 @@ from ..errors import CastloraError
 from ..evaluate import completion_loss, exact_match, load_examples, retention, text_loss
 from ..safe_io import write_text_atomic
 from ..train_lora import COMPLETION_TOKENS, SCHEDULES
-from .tasks import ALL_TASKS, get_task, train_prompts
+from .tasks import ALL_TASKS, fresh_prompts, get_task, train_prompts
 
 # method -> translate() options (generate -1: BenchConfig.generate texts from source+LoRA, capped at --mix
 # of the stream, BenchConfig.mix unless the row names its own; -1 there too: --mix's share; 0: general text
@@ -146,6 +146,10 @@ class BenchConfig:
     seed: int = opt(0, "the tasks' splits, the LoRAs and (unless --cast-seed says otherwise) the CAST runs")
     cast_seed: int = opt(-1, "the CAST runs only (-1: --seed): a second CAST seed on the same tasks and LoRAs "
                              "shows how far one seed moves a cell")
+    prompts: str = opt("train", "the prompts the not-data-free rows read: train (the training split's, which the "
+                                "source LoRA was trained on and answers almost perfectly) or fresh (400 of the task's "
+                                "form in neither split, as a user's new requests; greet and echo only)",
+                       ("train", "fresh"))
 
     @classmethod
     def quick(cls, **kw) -> "BenchConfig":
@@ -308,10 +312,12 @@ def bench(cfg: BenchConfig, log=print) -> dict:
             for method in cfg.methods:
                 opts = dict(METHODS[method])
                 if opts.get("prompts") == "task":
-                    if lm:
-                        log(f"{pair:16s} {task:12s} {method:16s} skipped: an LM task has no prompts")
+                    given = None if lm else train_prompts(tasks[task], out / "tasks") if cfg.prompts == "train" \
+                        else fresh_prompts(tasks[task], out / "tasks", root, cfg.seed)
+                    if given is None:
+                        log(f"{pair:16s} {task:12s} {method:16s} skipped: the task has no {cfg.prompts} prompts")
                         continue
-                    opts["prompts"] = [str(train_prompts(tasks[task], out / "tasks"))]
+                    opts["prompts"] = [str(given)]
                 for key in ("steps", "lr"):
                     if opts.get(key) == "lora":  # as the source and retrained LoRAs of this task are trained
                         opts[key] = cfg.lora_recipe(tasks[task].kind)[key]
@@ -336,7 +342,7 @@ def bench(cfg: BenchConfig, log=print) -> dict:
                     "shared_vocab": align.get("shared_vocab"),
                     "kl_first": curve[0]["kl"] if curve else None, "kl_last": curve[-1]["kl"] if curve else None,
                     "generated_texts": rec.get("generated_texts", 0), "teacher": rec.get("teacher"), "options": opts,
-                    **({"task_prompts": rec["task_prompts"]} if "task_prompts" in rec else {}),
+                    **({"task_prompts": rec["task_prompts"], "prompt_set": cfg.prompts} if "task_prompts" in rec else {}),
                     **({"labels": rec["labels"], "lora_final_loss": rec["lora"]["final_loss"]} if "labels" in rec else {})})
     table = save()
     from .report import write_report

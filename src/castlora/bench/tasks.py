@@ -62,6 +62,24 @@ def train_prompts(task: Task, folder: Path) -> Path:
     return path
 
 
+def fresh_prompts(task: Task, folder: Path, shared: Path, seed: int = 0, n: int = 400) -> Path | None:
+    """`n` prompts of the task's form that are in neither of its splits (greet: names of another seed; echo: other
+    common words), one `text` line each: what a user's new requests would be, which the source LoRA never saw.
+    None for a task without such prompts (facts asks about the training people only)."""
+    from ..evaluate import load_examples
+
+    seen = {e["prompt"] for e in load_examples(task.train) + load_examples(task.test)}
+    make = {"greet": lambda d: make_greet(d, seed + 1000, n_train=2 * n, n_test=0),
+            "echo": lambda d: make_echo(d, shared, seed + 1000, n_train=2 * n, n_test=0)}.get(task.name)
+    if make is None:
+        return None
+    other = make(folder / "fresh")
+    rows = [e["prompt"] for e in load_examples(other.train) if e["prompt"] not in seen][:n]
+    path = folder / f"{task.name}_fresh_prompts.jsonl"
+    _write_jsonl(path, [{"text": r} for r in rows])
+    return path
+
+
 def make_facts(folder: Path, seed: int = 0, n_people: int = 120, repeats: int = 4) -> Task:
     rng = random.Random(seed)
     people = [(n, rng.choice(TOWNS), rng.choice(JOBS)) for n in _names(rng, n_people)]
