@@ -6,8 +6,8 @@ those answers (sequence-level distillation). Not data-free, like --prompts.
 
 STEPS: the target LoRA's steps (default 800, the bench's `source_labels` row: the retrained LoRA's recipe; the other
 settings are the bench's: batch 8, 128 tokens, lr auto = 5e-3 decaying linearly). `train` (default): the prompts are the training split's,
-which the source LoRA was trained on (the bench's prompts rows use them); `fresh`: 400 prompts of names drawn with
-another seed, none of them in the training split, the test split or the validation prompts, which the source
+which the source LoRA was trained on (the bench's prompts rows use them); `fresh`: the prompts of 500 names drawn with
+another seed less any in the training split, the test split or the validation prompts (377 for greet), which the source
 answers as it would a user's new requests. `cast`: also port with CAST from the same prompts (`--prompts`, the
 bench's recipe) for a side-by-side row.
 

@@ -26,7 +26,7 @@ from castlora.export import export_peft, module_factors
 from castlora.families import model_sites
 from castlora.generate import lora_scaled
 from castlora.config import TranslateConfig
-from castlora.labels import greedy_answers
+from castlora.generate import greedy_answers
 from castlora.translate import resolve_auto
 from castlora.losses import kl_divergence, shared_log_probs
 from castlora.models import load_model, load_tokenizer

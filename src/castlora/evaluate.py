@@ -16,6 +16,7 @@ import torch
 
 from .corpus import read_documents
 from .errors import CastloraError
+from .generate import greedy_answers
 
 
 def load_examples(path: str | Path) -> list[dict]:
@@ -145,22 +146,15 @@ def completion_loss(model, tokenizer, examples: list[dict], batch_size: int = 16
 
 
 def exact_match(model, tokenizer, examples: list[dict], batch_size: int = 16, max_new_tokens: int | None = None) -> dict:
-    device = next(model.parameters()).device
-    old = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    """Share of examples whose greedy answer starts with the completion (both stripped). Each batch generates
+    as many tokens as its longest completion has, plus 2, unless `max_new_tokens` says otherwise."""
     correct = 0
-    try:
-        for i in range(0, len(examples), batch_size):
-            chunk = examples[i:i + batch_size]
-            enc = tokenizer([e["prompt"] for e in chunk], return_tensors="pt", padding=True).to(device)
-            n_new = max_new_tokens or max(sum(y != -100 for y in completion_example(tokenizer, e)[1])
-                                          for e in chunk) + 2
-            out = model.generate(**enc, do_sample=False, max_new_tokens=n_new, pad_token_id=tokenizer.pad_token_id)
-            for e, seq in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
-                text = tokenizer.decode(seq, skip_special_tokens=True)
-                correct += text.strip().startswith(e["completion"].strip())
-    finally:
-        tokenizer.padding_side = old
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        n_new = max_new_tokens or max(sum(y != -100 for y in completion_example(tokenizer, e)[1]) for e in chunk) + 2
+        answers = greedy_answers(model, tokenizer, [e["prompt"] for e in chunk], max_new_tokens=n_new,
+                                 batch_size=len(chunk))
+        correct += sum(a.strip().startswith(e["completion"].strip()) for e, a in zip(chunk, answers))
     return {"accuracy": correct / max(1, len(examples)), "n": len(examples)}
 
 

@@ -96,3 +96,29 @@ def lora_effect_prompts(model, tokenizer, texts: list[str], n: int, window: int 
     scored.sort(key=lambda s: -s[0])
     top = [s for s in scored if s[1].strip()][:n]
     return [p for _, p in top], [round(e, 5) for e, _ in top]
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 16,
+                   progress: bool = False) -> list[str]:
+    """The model's greedy continuation of each prompt, up to its EOS, as the text that follows the prompt
+    (the whole sequence decoded and the prompt's own text cut off, so a leading space survives: decoding
+    the new tokens alone drops it for sentencepiece tokenizers)."""
+    device = next(model.parameters()).device
+    old = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # every prompt ends where generation starts
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    answers = []
+    try:
+        for i in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="answers", dynamic_ncols=True):
+            chunk = prompts[i:i + batch_size]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+            out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad)
+            for row, ids in zip(enc["input_ids"], out):
+                head = tokenizer.decode(row, skip_special_tokens=True)
+                whole = tokenizer.decode(ids, skip_special_tokens=True)
+                answers.append(whole[len(head):] if whole.startswith(head) else
+                               tokenizer.decode(ids[len(row):], skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = old
+    return answers

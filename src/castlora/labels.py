@@ -16,42 +16,16 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from . import __version__
 from .adapters import load_adapter
 from .config import TranslateConfig, to_dict
 from .errors import CastloraError
 from .families import model_sites
+from .generate import greedy_answers
 from .models import load_model, load_tokenizer
 from .safe_io import atomic_folder
 from .train_lora import train_lora
-
-
-@torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 16,
-                   progress: bool = False) -> list[str]:
-    """The model's greedy continuation of each prompt, up to its EOS, as the text that follows the prompt
-    (the whole sequence decoded and the prompt's own text cut off, so a leading space survives: decoding
-    the new tokens alone drops it for sentencepiece tokenizers)."""
-    device = next(model.parameters()).device
-    old = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # every prompt ends where generation starts
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    answers = []
-    try:
-        for i in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="answers", dynamic_ncols=True):
-            chunk = prompts[i:i + batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
-            out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad)
-            for row, ids in zip(enc["input_ids"], out):
-                head = tokenizer.decode(row, skip_special_tokens=True)
-                whole = tokenizer.decode(ids, skip_special_tokens=True)
-                answers.append(whole[len(head):] if whole.startswith(head) else
-                               tokenizer.decode(ids[len(row):], skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = old
-    return answers
 
 
 def port_by_labels(cfg: TranslateConfig, prompts: list[str], log=print) -> dict:
@@ -100,6 +74,7 @@ def port_by_labels(cfg: TranslateConfig, prompts: list[str], log=print) -> dict:
                        "mean_chars": round(sum(len(r["completion"]) for r in rows) / len(rows), 1)},
             "lora": {k: summary[k] for k in ("rank", "alpha", "modules", "steps", "lr", "schedule", "final_loss",
                                               "seconds")},
+            "train_seconds": summary["seconds"],
             "hardware": {"device": cfg.device, "torch": torch.__version__, "platform": platform.platform(),
                          "threads": torch.get_num_threads()},
             "wall_seconds": round(time.perf_counter() - t0, 2),

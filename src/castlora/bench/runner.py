@@ -336,7 +336,7 @@ def bench(cfg: BenchConfig, log=print) -> dict:
                 curve, align = rec.get("loss_curve"), rec.get("alignment", {})  # --transfer labels has neither
                 row(method, score(tgt, str(port), task), {
                     "seconds": round(time.perf_counter() - t0, 1),
-                    "train_seconds": rec["train_seconds"] if "train_seconds" in rec else rec["lora"]["seconds"],
+                    "train_seconds": rec["train_seconds"],
                     "steps": rec["config"]["steps"], "tokens_seen": rec.get("corpus_tokens_seen"),
                     "aligned_fraction": align.get("calibration_aligned_fraction"),
                     "shared_vocab": align.get("shared_vocab"),
