@@ -1,6 +1,6 @@
 """The --layer-map cka map and its CKA matrix for zoo llama -> TARGET: CAST-0 (no training) with a random
 rank-8 LoRA on q and v, calibration batches from general/valid. Prints one JSON line, so two releases can be
-compared (docs/results.md, session 25).
+compared.
 
   python benchmarks/cka_map.py mistral [SHARED]
 """
@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import castlora
-from castlora.demo import shared_dir
+from castlora.shared import shared_dir
 from castlora.models import load_model
 
 target = sys.argv[1]

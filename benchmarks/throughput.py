@@ -30,6 +30,8 @@ from castlora.models import load_model, load_tokenizer, torch_dtype
 from castlora.site_map import map_sites, proportional_layer_map
 from castlora.tokens import PairBatch, encode_pair, shared_vocab
 from castlora.teacher_cache import TeacherCache
+from castlora.pair import ModelPair
+from castlora.teachers import make_teacher
 from castlora.train import LoopConfig, autocast, cast_loss, head_optimizer, step_setup, update_heads
 
 ROLES_7B = ["q", "k", "v", "o", "gate", "up", "down"]
@@ -186,7 +188,9 @@ def main(argv=None) -> int:
             logits = tgt(inputs_embeds=x, attention_mask=batch.mask_t).logits
         logits.float().logsumexp(-1).mean().backward()
 
-    loop = LoopConfig(steps=1, teacher=args.teacher, amp=amp, checkpointing=args.gradient_checkpointing)
+    loop = LoopConfig(steps=1, amp=amp, checkpointing=args.gradient_checkpointing)
+    teacher = make_teacher(args.teacher)
+    pair = ModelPair(source, tgt, None, None, s_sites, t_sites, ports)
     cache = TeacherCache(tmp / "teacher", {"bench": True}, args.teacher_top_k)
     params = [p for port, _ in ports for p in port.parameters()]
     opt = head_optimizer(params, 1e-4)
@@ -196,13 +200,14 @@ def main(argv=None) -> int:
         """The step fit_heads runs (teacher, student, loss, backward, its one read back, the update)."""
         for port, _ in ports:
             port.record = True
-        loss, kl, mse, anchor = cast_loss(source, source_inner, tgt, wrappers, ports, batch, cols, loop, use_cache, 0)
+        loss, kl, mse = cast_loss(pair, batch, cols, loop, teacher, use_cache, 0)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        torch.stack([v.detach().float() for v in (loss, kl, mse, anchor)]).tolist()
+        torch.stack([v.detach().float() for v in (loss, kl, mse)]).tolist()
         update_heads(opt, params, scaler, loop.grad_clip)
 
-    with attached(tgt, ports) as wrappers:
+    with attached(tgt, ports) as pair.wrappers:
+        wrappers = pair.wrappers
         # the floor: the models as they are (full output layer), the target without the ported deltas
         with deltas_off(wrappers):
             for _ in range(args.warmup):
@@ -211,7 +216,7 @@ def main(argv=None) -> int:
                 torch.cuda.reset_peak_memory_stats()
             t_src = timed(floor_source, args.repeats, args.device)
             t_tgt = timed(floor_target, args.repeats, args.device)
-        with step_setup(source_inner, tgt, vocab, t_sites.layer_paths, loop) as cols:
+        with step_setup(pair, vocab, t_sites.layer_paths, loop) as cols:
             for _ in range(args.warmup):
                 cast_step(wrappers, cols)
             cast_step(wrappers, cols, cache)  # computes the teacher once and writes it: later calls read it

@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from castlora.cast_module import PortedKernel
-from castlora.closed_form import RIDGE_GRID, _Fit
+from castlora.closed_form import RIDGE_GRID, Fit
 from castlora.heads import LinearHead, MLPHead, make_head, reduced_rank_fit, ridge, ridge_from_stats
-from castlora.losses import delta_teacher, kl_divergence, lora_effect, relative_mse, shared_log_probs, topk_kl
-
+from castlora.losses import delta_teacher, kl_divergence, relative_mse, shared_log_probs, topk_kl
 
 
 def _data(n=200, dx=7, dy=5, seed=0, scale=3.0):
@@ -126,69 +125,6 @@ def test_ported_kernel_identity_reproduces_source_delta():
     torch.testing.assert_close(port(x), x @ k.delta_weight().t(), rtol=1e-4, atol=1e-4)
 
 
-def test_extra_rank_starts_at_the_same_delta_trains_and_exports_exactly():
-    """--extra-rank: the free directions change nothing at the start (written side zero), read the
-    target at the input head's scale, get gradients, and fold into a rank r + k LoRA that is the
-    port's delta exactly."""
-    from castlora.adapters import LoraKernel
-    from castlora.export import port_factors
-    from castlora.families import Site
-
-    g = torch.Generator().manual_seed(0)
-    A, B = torch.randn(4, 12, generator=g), torch.randn(10, 4, generator=g)
-    site = Site(0, "q", "m.q", 12, 10, 10, None, False)
-    plain = PortedKernel(LoraKernel(0, "q", "m.q", A, B, 0.5), site)
-    port = PortedKernel(LoraKernel(0, "q", "m.q", A, B, 0.5), site, extra_rank=3)
-    plain.set_identity()
-    port.set_identity()
-    port.init_extra(torch.Generator().manual_seed(1))
-    x = torch.randn(5, 12, generator=g)
-    torch.testing.assert_close(port(x), plain(x))
-    rows = port.x_in.weight.detach()
-    gram = rows @ rows.t()
-    torch.testing.assert_close(gram / gram[0, 0], torch.eye(3), rtol=0, atol=1e-5)  # orthogonal, one length
-    assert abs(rows.norm(dim=1).mean() - port.p_in.weight.norm(dim=1).mean()) < 1e-4
-
-    port(x).pow(2).sum().backward()
-    assert port.x_out.weight.grad.abs().sum() > 0  # they train from the start, as a LoRA's B does
-    with torch.no_grad():
-        port.x_out.weight.copy_(torch.randn(10, 3, generator=g))
-    A_t, B_t, err = port_factors(port)
-    assert A_t.shape == (7, 12) and B_t.shape == (10, 7) and err == 0.0
-    torch.testing.assert_close(x @ A_t.t() @ B_t.t(), port(x).detach(), rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(port(x), plain(x))
-
-
-def test_balanced_kernels_keep_the_delta_equalise_the_gains_and_restore_on_exit():
-    from castlora.adapters import LoraKernel
-    from castlora.cast_module import balanced_kernels
-    from castlora.families import Site
-
-    g = torch.Generator().manual_seed(0)
-    # a steep kernel: its directions' gains span 100x
-    A = torch.randn(4, 12, generator=g) * torch.tensor([10.0, 3.0, 1.0, 0.1])[:, None]
-    B = torch.randn(10, 4, generator=g)
-    site = Site(0, "q", "m.q", 12, 10, 10, None, False)
-    port = PortedKernel(LoraKernel(0, "q", "m.q", A, B, 0.5), site)
-    port.set_identity()
-    x = torch.randn(5, 12, generator=g)
-    before, core, w = port(x).detach(), port.core.clone(), port.p_out.weight.detach().clone()
-    gains = core.norm(dim=1)
-    assert gains.max() / gains.min() > 10
-    with balanced_kernels([(port, site)]):
-        torch.testing.assert_close(port(x), before, rtol=1e-4, atol=1e-5)  # the same delta
-        inner = port.core.norm(dim=1)
-        torch.testing.assert_close(inner, torch.full_like(inner, float(gains.mean())))  # one gain for all
-    torch.testing.assert_close(port.core, core)
-    torch.testing.assert_close(port.p_out.weight, w)
-    torch.testing.assert_close(port(x), before, rtol=1e-4, atol=1e-5)
-
-    mlp = PortedKernel(LoraKernel(0, "q", "m.q", A, B, 0.5), site, head="mlp")
-    with pytest.raises(ValueError, match="linear heads"):
-        with balanced_kernels([(mlp, site)]):
-            pass
-
-
 # ---------------------------------------------------------------- losses
 
 
@@ -234,21 +170,6 @@ def test_delta_weight_per_position_is_each_row_at_its_own_weight():
     rows = delta_teacher(lp_t, lp_sl, lp_s, w)
     for i, wi in enumerate((0.0, 0.5, 1.0)):
         torch.testing.assert_close(rows[i], delta_teacher(lp_t[i], lp_sl[i], lp_s[i], wi))
-
-
-def test_lora_weight_scales_the_lora_effect_in_every_teacher():
-    lp_t, lp_s, lp_sl = _logp((6, 11), 0), _logp((6, 11), 1), _logp((6, 11), 2)
-    for w in (0.0, 0.5, 1.0):
-        torch.testing.assert_close(delta_teacher(lp_t, lp_sl, lp_s, w, lora_weight=1.0), delta_teacher(lp_t, lp_sl, lp_s, w))
-        a = delta_teacher(lp_t, lp_sl, lp_s, w, lora_weight=0.75)
-        ref = torch.log_softmax((1 - w) * lp_s + w * lp_t + 0.75 * (lp_sl - lp_s), -1)
-        torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-5)
-    # a = 0: no LoRA at all, the source base (w = 0) or the target base (w = 1); w = 0 needs no target
-    torch.testing.assert_close(delta_teacher(None, lp_sl, lp_s, 0.0, lora_weight=0.0), lp_s, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(delta_teacher(lp_t, lp_sl, lp_s, 1.0, lora_weight=0.0), lp_t, rtol=1e-5, atol=1e-5)
-    # shrinking the effect moves the source teacher towards the source base
-    full, shrunk = delta_teacher(None, lp_sl, lp_s, 0.0), delta_teacher(None, lp_sl, lp_s, 0.0, lora_weight=0.5)
-    assert kl_divergence(shrunk, lp_s).item() < kl_divergence(full, lp_s).item()
 
 
 def test_other_bucket_keeps_each_models_mass_outside_the_shared_vocabulary():
@@ -301,15 +222,6 @@ def test_position_weights_make_a_weighted_mean_of_the_per_position_kl():
                                rtol=1e-4, atol=1e-5)
 
 
-def test_lora_effect_is_the_per_position_kl_of_the_lora_on_the_source():
-    base, lora = _logp((5, 9), 6), _logp((5, 9), 7)
-    lora[2] = base[2]  # a position the LoRA leaves alone weighs nothing
-    eff = lora_effect(lora, base)
-    torch.testing.assert_close(eff, F.kl_div(base, lora, reduction="none", log_target=True).sum(-1).clamp_min(0),
-                               rtol=1e-5, atol=1e-6)
-    assert eff[2].item() == pytest.approx(0.0, abs=1e-6) and (eff[[0, 1, 3, 4]] > 0).all()
-
-
 def test_kl_gradient_matches_torch_kl_div():
     p = _logp((5, 9), 3)
     logits = torch.randn(5, 9, requires_grad=True)
@@ -346,7 +258,7 @@ def test_cross_validated_ridge_error_matches_a_direct_held_out_evaluation():
     X = [rng.normal(size=(200, 6)) for _ in range(2)]
     W = rng.normal(size=(4, 6))
     Y = [x @ W.T + 0.5 * rng.normal(size=(200, 4)) for x in X]
-    fit = _Fit()
+    fit = Fit()
     for k in (0, 1):
         fit.update(k, torch.tensor(X[k]), torch.tensor(Y[k]))
     lam = 1e-2
@@ -357,14 +269,14 @@ def test_cross_validated_ridge_error_matches_a_direct_held_out_evaluation():
     direct /= sum((y ** 2).sum() for y in Y)
     assert abs(fit.held_out_error(lam) - direct) < 1e-9
     # noiseless and well-posed: the smallest penalty wins and the fit is exact
-    exact = _Fit()
+    exact = Fit()
     for k in (0, 1):
         exact.update(k, torch.tensor(X[k]), torch.tensor(X[k] @ W.T))
     P, chosen, cv = exact.solve(None)
     assert chosen == RIDGE_GRID[0] and cv < 1e-8
     np.testing.assert_allclose(P.numpy(), W, atol=1e-5)
     # pure noise: a large penalty wins (predicting ~0 beats fitting noise)
-    noise = _Fit()
+    noise = Fit()
     for k in (0, 1):
         noise.update(k, torch.tensor(X[k][:20]), torch.tensor(rng.normal(size=(20, 4))))
     assert noise.solve(None)[1] >= 1e-1

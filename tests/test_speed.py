@@ -4,31 +4,73 @@ shared-vocabulary logits, checkpointed target blocks, autocast, and the precompu
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny
-from safetensors import safe_open
+from conftest import make_tiny, read_docs, shared_path
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
-from test_translate import QUIET, _make_lora, _ports, folders  # noqa: F401  (module fixture)
 
 import castlora
 from castlora.adapters import load_adapter
-from castlora.cast_module import attached, deltas_off
+from castlora.capture import capture
+from castlora.cast_module import PortedKernel, attached, deltas_off
 from castlora.checkpointing import checkpointed_blocks
 from castlora.closed_form import random_init
 from castlora.errors import CastloraError
 from castlora.families import model_sites
-from castlora.losses import delta_teacher, kl_divergence, shared_log_probs, topk_kl
-from castlora.site_map import proportional_layer_map
+from castlora.losses import delta_teacher, kl_divergence, relative_mse, shared_log_probs, topk_kl
+from castlora.models import load_model
+from castlora.pair import ModelPair
+from castlora.site_map import map_sites, proportional_layer_map
+from castlora.teachers import make_teacher, source_z
 from castlora.tokens import PairBatch, SharedVocab
-from castlora.capture import capture
-from castlora.losses import relative_mse
-from castlora.train import (LoopConfig, cast_loss, head_optimizer, kernel_mse, source_z, step_setup,
-                            teacher_outputs)
+from castlora.train import LoopConfig, cast_loss, head_optimizer, kernel_mse, step_setup
 from castlora.vocab_head import SharedVocabHead, shared_logits
 
 IDS = torch.tensor([5, 3, 90, 17, 64, 2, 127])
+QUIET = dict(progress=False, log=lambda *a, **k: None)
+
+
+def _make_lora(model, targets, seed=0, std=0.3):
+    """A LoRA with random A and B (a real delta from the start)."""
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return pm.eval()
+
+
+def _ports(kernels, t_sites, layer_map):
+    pairs, dropped = map_sites(kernels, t_sites, layer_map)
+    assert not dropped
+    return [(PortedKernel(p.kernel, p.target), p.target) for p in pairs]
+
+
+def _model_folder(folder: Path, model_type: str, vocab: int, tokenizer_from: Path, seed: int) -> Path:
+    model = make_tiny(model_type, seed, vocab_size=vocab, max_position_embeddings=128)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_from / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A tiny llama (real Llama tokenizer) with a LoRA, a tiny GPT-NeoX (real NeoX tokenizer), general text."""
+    root = tmp_path_factory.mktemp("speed")
+    llama = _model_folder(root / "llama", "llama", 32000, shared_path("zoo", "llama"), 0)
+    neox = _model_folder(root / "neox", "gpt_neox", 50304, shared_path("zoo", "neox"), 1)
+    pm = _make_lora(load_model(str(llama)), ["q_proj", "v_proj"], seed=0, std=0.5)
+    pm.peft_config["default"].base_model_name_or_path = str(llama)
+    pm.save_pretrained(str(root / "adapter"))
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n\n".join(read_docs("data", "general", "valid.txt.gz", n=200)), encoding="utf-8")
+    return dict(root=root, llama=llama, neox=neox, adapter=root / "adapter", corpus=corpus)
 
 
 @pytest.mark.parametrize("model_type, extra", [
@@ -73,43 +115,45 @@ def step_parts(tmp_path, request):
     pm = _make_lora(src, ["q_proj", "v_proj"], seed=0, std=0.5)
     pm.save_pretrained(str(tmp_path / "adapter"))
     pm.requires_grad_(False)
-    inner = pm.base_model.model
     tgt = make_tiny(request.param, 1).requires_grad_(False)
-    t_sites = model_sites(tgt)
-    lora = load_adapter(str(tmp_path / "adapter"), model_sites(inner))
+    s_sites, t_sites = model_sites(pm.base_model.model), model_sites(tgt)
+    lora = load_adapter(str(tmp_path / "adapter"), s_sites)
     ports = _ports(lora.kernels, t_sites, proportional_layer_map(2, t_sites.num_layers))
     random_init(ports, 0)
     vocab = SharedVocab(torch.arange(3, 120), torch.arange(3, 120).flip(0))  # a permuted map
-    return pm, inner, tgt, t_sites, ports, vocab
+    return ModelPair(pm, tgt, None, None, s_sites, t_sites, ports), vocab
 
 
-def _loss_and_grads(step_parts, cfg, restrict=True, cache=None, step=0):
-    pm, inner, tgt, t_sites, ports, vocab = step_parts
-    for port, _ in ports:
+def _loss_and_grads(step_parts, cfg, teacher="source", restrict=True, cache=None, step=0):
+    pair, vocab = step_parts
+    teacher = make_teacher(teacher)
+    for port, _ in pair.ports:
         port.record = cfg.beta > 0
         port.zero_grad(set_to_none=True)
     batch = _batch()
-    with attached(tgt, ports) as wrappers:
+    with attached(pair.target, pair.ports) as pair.wrappers:
         if restrict:
-            with step_setup(inner, tgt, vocab, t_sites.layer_paths, cfg) as cols:
-                loss, kl, mse, _ = cast_loss(pm, inner, tgt, wrappers, ports, batch, cols, cfg, cache, step)
+            with step_setup(pair, vocab, pair.t_sites.layer_paths, cfg) as cols:
+                loss, kl, mse = cast_loss(pair, batch, cols, cfg, teacher, cache, step)
                 loss.backward()
         else:
-            loss, kl, mse, _ = cast_loss(pm, inner, tgt, wrappers, ports, batch, vocab, cfg, cache, step)
+            loss, kl, mse = cast_loss(pair, batch, vocab, cfg, teacher, cache, step)
             loss.backward()
-    grads = [p.grad.clone() for port, _ in ports for p in port.parameters()]
+    grads = [p.grad.clone() for port, _ in pair.ports for p in port.parameters()]
     return loss.detach(), kl.detach(), mse.detach(), grads
 
 
 def test_every_teacher_is_a_blend_and_the_control_switches_only_the_lora_off(step_parts):
     """source / blend / delta are log p_S+LoRA + w (log p_T - log p_S) at w = 0 / --delta-weight / 1;
     --no-teacher-lora puts the source base in the place of S+LoRA and changes nothing else."""
-    pm, inner, tgt, t_sites, ports, vocab = step_parts
+    pair, vocab = step_parts
+    pm, tgt = pair.source, pair.target
     batch = _batch()
-    with attached(tgt, ports) as wrappers, torch.no_grad():
-        def teach(teacher, w=0.5, lora=True, a=1.0):
-            return teacher_outputs(pm, inner, tgt, wrappers, ports, batch, vocab, teacher, 1.0, False,
-                                   delta_weight=w, teacher_lora=lora, lora_weight=a).logp
+    with attached(tgt, pair.ports) as pair.wrappers, torch.no_grad():
+        wrappers = pair.wrappers
+
+        def teach(teacher, w=0.5, lora=True):
+            return make_teacher(teacher, w, lora).outputs(pair, batch, vocab, 1.0, False).logp
 
         def logp(model, ids, mask, pos, cols):  # gathered by boolean masks: a reference for batch.gather
             out = model(input_ids=ids, attention_mask=mask).logits
@@ -128,21 +172,16 @@ def test_every_teacher_is_a_blend_and_the_control_switches_only_the_lora_off(ste
         torch.testing.assert_close(teach("delta", 0.3), delta_teacher(lp_t, lp_sl, lp_s, 1.0), **close)  # w fixed
         # the imitation controls: the LoRA off, the rest of the teacher as it was
         torch.testing.assert_close(teach("source", lora=False), lp_s, **close)
-        torch.testing.assert_close(teach("source_base"), lp_s, **close)
         torch.testing.assert_close(teach("blend", 0.3, lora=False), torch.log_softmax(lp_s + 0.3 * (lp_t - lp_s), -1),
                                    **close)
         torch.testing.assert_close(teach("delta", lora=False), lp_t, **close)  # no LoRA, no tilt: the target
-        # --lora-weight a scales the LoRA's term in every teacher; the control has no LoRA term to scale
-        torch.testing.assert_close(teach("source", a=0.75), delta_teacher(None, lp_sl, lp_s, 0.0, 0.75), **close)
-        torch.testing.assert_close(teach("blend", 0.3, a=0.75), delta_teacher(lp_t, lp_sl, lp_s, 0.3, 0.75), **close)
-        torch.testing.assert_close(teach("source", lora=False, a=0.75), lp_s, **close)
         assert kl_divergence(teach("blend", 0.3), teach("blend", 0.3, lora=False)).item() > 1e-3
 
 
 @pytest.mark.parametrize("teacher", ["source", "delta"])
 def test_restricted_logits_and_checkpointing_leave_loss_and_gradients_unchanged(step_parts, teacher):
-    plain = _loss_and_grads(step_parts, LoopConfig(steps=1, teacher=teacher), restrict=False)
-    fast = _loss_and_grads(step_parts, LoopConfig(steps=1, teacher=teacher, checkpointing=True))
+    plain = _loss_and_grads(step_parts, LoopConfig(steps=1), teacher, restrict=False)
+    fast = _loss_and_grads(step_parts, LoopConfig(steps=1, checkpointing=True), teacher)
     assert plain[1] > 1e-3 and plain[2] > 1e-3  # a real KL and MSE, not zeros
     for a, b in zip(plain[:3], fast[:3]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -189,9 +228,10 @@ def test_the_step_batched_over_kernels_equals_the_per_kernel_reference(step_part
     and reductions, the source-side views of q, k and v from one matmul) computes what one kernel at a
     time computes: the same deltas, MSE, loss and head gradients, on split targets (mistral) and on
     fused ones (gpt_neox: each delta written into its role's rows of query_key_value)."""
-    pm, inner, tgt, t_sites, ports, vocab = step_parts
+    pair, vocab = step_parts
+    pm, inner, ports = pair.source, pair.source_inner, pair.ports
     batch = _batch()
-    with attached(tgt, ports) as wrappers:
+    with attached(pair.target, ports) as pair.wrappers:
         # each port's addition against y + its delta, values and gradients
         x = torch.randn(2, 5, ports[0][1].d_in, requires_grad=True)
         for port, site in ports:
@@ -216,7 +256,7 @@ def test_the_step_batched_over_kernels_equals_the_per_kernel_reference(step_part
         cfg = LoopConfig(steps=1)
         for port, _ in ports:
             port.record = True
-        loss, kl, mse, _ = cast_loss(pm, inner, tgt, wrappers, ports, batch, vocab, cfg)
+        loss, kl, mse = cast_loss(pair, batch, vocab, cfg, make_teacher("source"))
         want = sum(relative_mse(batch.gather(p.last_z, "t"), z) for (p, _), z in zip(ports, ref)) / len(ports)
         assert mse.item() > 1e-3
         torch.testing.assert_close(mse, want, rtol=1e-5, atol=1e-7)
@@ -282,9 +322,9 @@ def test_topk_kl_is_a_lower_bound_that_becomes_the_full_kl():
     assert abs(same.item()) < 1e-5  # student == teacher
 
 
-def test_teacher_cache_is_filled_then_read_and_gives_the_same_heads(folders, tmp_path):  # noqa: F811
+def test_teacher_cache_is_filled_then_read_and_gives_the_same_heads(folders, tmp_path):
     cache = tmp_path / "teacher"
-    opts = dict(steps=6, batch_size=2, seq_len=32, calib_batches=1, lr=1e-2, generate=4, mix=0.5,
+    opts = dict(steps=6, batch_size=2, seq_len=32, calib_batches=1, lr=1e-2, generate=4,
                 teacher_cache=str(cache), teacher_top_k=64, **QUIET)
 
     def run(out, **kw):
@@ -304,9 +344,9 @@ def test_teacher_cache_is_filled_then_read_and_gives_the_same_heads(folders, tmp
     # other training options on the same teacher: allowed, and still read from the cache
     third = run(tmp_path / "c", lr=5e-3, beta=0.5)
     assert third.record["teacher_cache"]["steps_read"] == 6
-    # a different teacher must not reuse it
-    with pytest.raises(CastloraError, match="another teacher.*teacher"):
-        run(tmp_path / "d", teacher="source_base")
+    # a different teacher (the imitation control: the LoRA off) must not reuse it
+    with pytest.raises(CastloraError, match="another teacher.*teacher_lora"):
+        run(tmp_path / "d", teacher_lora=False)
     # another seed means other batches: caught by the fingerprint of step 0
     with pytest.raises(CastloraError, match="another batch"):
         run(tmp_path / "e", seed=1)
@@ -318,32 +358,7 @@ def test_teacher_cache_is_filled_then_read_and_gives_the_same_heads(folders, tmp
     assert manifest["delta_weight"] == (0.5 if chosen == "blend" else None)
 
 
-def test_lora_effect_weights_travel_through_the_teacher_cache(folders, tmp_path):  # noqa: F811
-    cache = tmp_path / "teacher"
-    opts = dict(steps=3, batch_size=2, seq_len=32, calib_batches=1, generate=0, teacher_cache=str(cache),
-                position_weight="lora-effect", **QUIET)
-
-    def run(out, **kw):
-        return castlora.translate(source=str(folders["llama"]), adapter=str(folders["adapter"]),
-                                  target=str(folders["neox"]), corpus=[str(folders["corpus"])], out=str(out),
-                                  **{**opts, **kw})
-
-    first = run(tmp_path / "a")
-    assert first.record["config"]["position_weight"] == "lora-effect"
-    with safe_open(str(cache / "step_000000.safetensors"), framework="pt") as f:
-        w = f.get_tensor("weight")
-    assert w.ndim == 1 and w.min() >= 0 and w.mean().item() == pytest.approx(1.0, rel=1e-4)
-    assert w.std() > 0  # the LoRA acts more at some positions than at others
-    second = run(tmp_path / "b")
-    assert second.record["teacher_cache"]["steps_read"] == 3
-    ha, hb = load_file(str(tmp_path / "a" / "heads.safetensors")), load_file(str(tmp_path / "b" / "heads.safetensors"))
-    for k in ha:
-        torch.testing.assert_close(ha[k], hb[k])
-    with pytest.raises(CastloraError, match="another teacher.*position_weight"):
-        run(tmp_path / "c", position_weight="uniform")
-
-
-def test_a_damaged_teacher_cache_file_is_named_not_used(folders, tmp_path):  # noqa: F811
+def test_a_damaged_teacher_cache_file_is_named_not_used(folders, tmp_path):
     cache = tmp_path / "teacher"
     opts = dict(steps=2, batch_size=2, seq_len=32, calib_batches=1, generate=0, teacher_cache=str(cache), **QUIET)
     run = lambda out: castlora.translate(source=str(folders["llama"]), adapter=str(folders["adapter"]),  # noqa: E731
@@ -358,7 +373,7 @@ def test_a_damaged_teacher_cache_file_is_named_not_used(folders, tmp_path):  # n
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_translate_with_autocast_trains_and_exports(folders, tmp_path, amp):  # noqa: F811
+def test_translate_with_autocast_trains_and_exports(folders, tmp_path, amp):
     """The whole loop under autocast (fp16 with its loss scaler) on CPU: finite losses, a loadable adapter."""
     res = castlora.translate(source=str(folders["llama"]), adapter=str(folders["adapter"]),
                              target=str(folders["neox"]), corpus=[str(folders["corpus"])], out=str(tmp_path / amp),

@@ -24,20 +24,22 @@ from castlora.closed_form import closed_form_init, fit_closed_form, port_groups,
 from castlora.errors import CastloraError, CorpusError
 from castlora.export import export_peft, module_factors
 from castlora.families import model_sites
-from castlora.generate import lora_scaled
 from castlora.config import TranslateConfig
 from castlora.generate import greedy_answers
-from castlora.translate import resolve_auto
 from castlora.losses import kl_divergence, shared_log_probs
 from castlora.models import load_model, load_tokenizer
-from castlora.site_map import map_sites, proportional_layer_map, uncovered_layers
+from castlora.site_map import map_sites, proportional_layer_map
 from castlora.tokens import encode_pair, shared_vocab
-from castlora.train import teacher_outputs
+from castlora.pair import ModelPair
+from castlora.teachers import make_teacher
 from castlora.corpus import read_corpus, read_prompts
 from castlora.teacher_choice import MIN_STRENGTH_CHARS, STRENGTH_CHARS, strength_budget, strength_texts
 
 # `castlora.translate` is the function (re-exported by the package); the module is this:
 translate_mod = importlib.import_module("castlora.translate")
+cast_mod = importlib.import_module("castlora.transfers.cast")
+pair_mod = importlib.import_module("castlora.pair")
+texts_mod = importlib.import_module("castlora.texts")
 QUIET = dict(progress=False, log=lambda *a, **k: None)
 
 
@@ -376,140 +378,18 @@ def test_translate_with_the_cka_layer_map(folders, tmp_path):
     torch.testing.assert_close(capped[0][0][0], full[0][0][0])  # the first position is kept
 
 
-def test_uncovered_target_layers_take_the_nearest_source_layer():
-    # 4 -> 6 (mistral -> llama in the zoo): proportional depth leaves target layers 1 and 4 empty
-    assert proportional_layer_map(4, 6) == [0, 2, 3, 5]
-    assert uncovered_layers([0, 2, 3, 5], 6) == [(1, 1), (3, 4)]
-    # a map onto every target layer (same depth, or a shallower target) needs no copy
-    assert uncovered_layers(proportional_layer_map(6, 6), 6) == []
-    assert uncovered_layers(proportional_layer_map(6, 4), 4) == []
-    assert uncovered_layers([0, 0], 3) == [(1, 1), (1, 2)]
-
-
-def test_cover_layers_ports_onto_every_layer_of_a_deeper_target(folders, tmp_path):
-    model = make_tiny("llama", 3, vocab_size=32000, max_position_embeddings=128, num_hidden_layers=4)
-    model.save_pretrained(str(tmp_path / "deep"), safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(shared_path("zoo", "llama") / name, tmp_path / "deep" / name)
-    deep = tmp_path / "deep"
-    out = tmp_path / "port"
-    res = castlora.translate(source=str(folders["llama"]), adapter=str(folders["adapter"]), target=str(deep),
-                             corpus=[str(folders["corpus"])], out=str(out), steps=2, batch_size=2, seq_len=32,
-                             calib_batches=1, cover_layers=True, teacher="source", **QUIET)
-    rec = res.record
-    assert rec["layer_map"] == [1, 3] and rec["layer_copies"] == [[0, 0], [1, 2]]
-    hosted = sorted({int(s["target"].split(".")[0]) for s in rec["site_map"]})
-    assert hosted == [0, 1, 2, 3]  # every target layer adapted, as a LoRA trained on the target would be
-    copies = [s for s in rec["site_map"] if "copy" in s.get("note", "")]
-    assert sorted(s["target"] for s in copies) == ["0.q", "0.v", "2.q", "2.v"]
-    loaded = PeftModel.from_pretrained(load_model(str(deep)), str(out)).eval()
-    _assert_keys_match_file(loaded, out)
-    # each copy has heads of its own, saved under its own site
-    heads = load_file(str(out / "heads.safetensors"))
-    assert any(k.startswith("0.q->0.q.") for k in heads) and any(k.startswith("0.q->1.q.") for k in heads)
-
-
-def test_other_bucket_trains_with_a_finite_kl_across_tokenizers(folders, tmp_path):
-    res = _run(folders, tmp_path / "bucket", steps=3, teacher="blend", other_bucket=True)
-    curve = [r["kl"] for r in res.record["loss_curve"]]
-    assert len(curve) == 3 and all(0 <= k < float("inf") for k in curve)
-    assert res.record["config"]["other_bucket"] is True
-
-
-def test_balanced_kernels_start_from_the_same_delta_and_export_the_original_core(folders, tmp_path):
-    plain = _run(folders, tmp_path / "plain", steps=3, lr=0.3)
-    bal = _run(folders, tmp_path / "bal", steps=3, lr=0.3, balanced_kernels=True)
-    kp, kb = [r["kl"] for r in plain.record["loss_curve"]], [r["kl"] for r in bal.record["loss_curve"]]
-    assert kb[0] == pytest.approx(kp[0], rel=1e-4)  # the same ported delta before the first step
-    hp, hb = load_file(str(tmp_path / "plain" / "heads.safetensors")), load_file(str(tmp_path / "bal" / "heads.safetensors"))
-    cores = [k for k in hp if k.endswith(".core")]
-    assert cores and hp.keys() == hb.keys()
-    for k in cores:  # saved (and exported) in the kernel's own coordinates
-        torch.testing.assert_close(hp[k], hb[k])
-    with pytest.raises(CastloraError, match="linear heads"):
-        _run(folders, tmp_path / "mlp", steps=1, head="mlp", balanced_kernels=True)
-    assert not (tmp_path / "mlp").exists()
-    assert kb[-1] != pytest.approx(kp[-1], rel=1e-3), (kp, kb)  # other steps from there
-
-
-def test_extra_rank_starts_from_the_same_delta_and_exports_rank_r_plus_k(folders, tmp_path):
-    plain = _run(folders, tmp_path / "plain", steps=3, lr=0.3)
-    wide = _run(folders, tmp_path / "wide", steps=3, lr=0.3, extra_rank=4)
-    kp, kw = [r["kl"] for r in plain.record["loss_curve"]], [r["kl"] for r in wide.record["loss_curve"]]
-    assert kw[0] == pytest.approx(kp[0], rel=1e-4)  # the free directions start with B = 0
-    assert kw[-1] != pytest.approx(kp[-1], rel=1e-4), (kp, kw)  # and then train
-    assert wide.record["init"]["extra_rank"] == 4
-    rank = {name: json.loads((tmp_path / name / "adapter_config.json").read_text())["r"] for name in ("plain", "wide")}
-    assert rank["wide"] == rank["plain"] + 2 * 4  # q and v of one source layer share neox's query_key_value
-    loaded = PeftModel.from_pretrained(load_model(str(folders["neox"])), str(tmp_path / "wide"))
-    _assert_keys_match_file(loaded, tmp_path / "wide")
-    cast0 = _run(folders, tmp_path / "cast0", steps=0, extra_rank=4)  # nothing to train them: not exported
-    assert json.loads((tmp_path / "cast0" / "adapter_config.json").read_text())["r"] == rank["plain"]
-    assert "extra_rank" not in cast0.record["init"]
-    with pytest.raises(CastloraError, match="extra-rank"):
-        _run(folders, tmp_path / "neg", steps=1, extra_rank=-1)
-    assert not (tmp_path / "neg").exists()
-
-
-def test_lora_effect_prompts_end_where_the_lora_acts_most(folders):
-    from castlora.generate import lora_effect_prompts
-    from castlora.losses import lora_effect
-
-    tok = load_tokenizer(str(folders["llama"]))
-    source = PeftModel.from_pretrained(load_model(str(folders["llama"])), str(folders["adapter"])).eval()
-    windows = read_docs("data", "general", "valid.txt.gz", n=24)
-    prompts, effects = lora_effect_prompts(source, tok, windows, 5, window=32, batch_size=8, progress=False)
-    assert len(prompts) == 5 and effects == sorted(effects, reverse=True) and effects[-1] > 0
-
-    @torch.no_grad()
-    def effect_per_position(text):
-        ids = tok(text, add_special_tokens=False, return_tensors="pt", truncation=True, max_length=32)["input_ids"]
-        lp = torch.log_softmax(source(input_ids=ids).logits.float(), -1)
-        with source.disable_adapter():
-            lp_base = torch.log_softmax(source(input_ids=ids).logits.float(), -1)
-        return lora_effect(lp, lp_base)[0]
-
-    all_maxima = sorted((effect_per_position(w)[4:].max().item() for w in windows), reverse=True)
-    assert effects == pytest.approx(all_maxima[:5], rel=1e-3)  # the five strongest windows
-    for prompt, e in zip(prompts, effects):  # each cut right after its strongest position
-        assert effect_per_position(prompt)[-1].item() == pytest.approx(e, rel=1e-2)
-    # a LoRA that changes nothing finds no prompt
-    zero = PeftModel.from_pretrained(load_model(str(folders["llama"])), str(folders["zero"])).eval()
-    assert lora_effect_prompts(zero, tok, windows, 5, window=32, progress=False) == ([], [])
-
-
-def test_generate_from_lora_effect_trains_on_mined_prompts(folders, tmp_path):
-    lines = []
-    res = _run(folders, tmp_path / "mined", steps=2, generate=4, mix=0.5, generate_from="lora-effect",
-               log=lambda *a, **k: lines.append(" ".join(map(str, a))))
-    corpus = res.record
-    n = corpus["generated_texts"]  # 1/2 of the 2 x 2 training texts
-    assert n == 2 and corpus["mined_windows"] == translate_mod.MINE_POOL * n
-    assert any("--generate 4 is capped at 2 texts: --mix 0.5" in line for line in lines), lines  # said, not silent
-    assert corpus["prompt_effect"]["max"] >= corpus["prompt_effect"]["min"] > 0
-    with pytest.raises(CorpusError, match="no window"):
-        castlora.translate(source=str(folders["llama"]), adapter=str(folders["zero"]), target=str(folders["neox"]),
-                           corpus=[str(folders["corpus"])], out=str(tmp_path / "zero"), steps=2, batch_size=2,
-                           seq_len=32, calib_batches=1, generate=4, mix=0.5, generate_from="lora-effect", **QUIET)
-    assert not (tmp_path / "zero").exists()
-
-
-def test_default_stream_is_all_generated_and_bad_mix_fails(folders, tmp_path):
-    # --mix 1 (the default since session 14): every training text is sampled from source+LoRA; the
-    # calibration batch stays general text
+def test_default_stream_is_all_generated_and_bad_sampling_options_fail(folders, tmp_path):
+    # by default every training text is sampled from source+LoRA; the calibration batch stays general text
     rec = _run(folders, tmp_path / "all", steps=2).record
-    assert rec["config"]["mix"] == 1.0 and rec["generated_texts"] == 2 * 2  # the whole 2 x 2 stream
-    for bad in (1.5, -0.5, float("nan")):
-        with pytest.raises(CastloraError, match="--mix must be a fraction in"):
-            _run(folders, tmp_path / "bad", steps=2, mix=bad)
-    for bad in (dict(top_k=-1), dict(prompt_tokens=0)):
-        with pytest.raises(CastloraError, match="--top-k must be >= 0 .* and --prompt-tokens >= 1"):
-            _run(folders, tmp_path / "bad", steps=2, **bad)
+    assert rec["config"]["generate"] == 2 * 2 and rec["generated_texts"] == 2 * 2  # the whole 2 x 2 stream
+    for bad, why in ((dict(top_k=-1), "--top-k must be >= 0"), (dict(generate=-1), "--generate must be >= 0 or auto"),
+                     (dict(steps=-1), "--steps must be >= 0 or auto")):
+        with pytest.raises(CastloraError, match=why):
+            _run(folders, tmp_path / "bad", **{"steps": 2, **bad})
     assert not (tmp_path / "bad").exists()
-    # a shorter prompt and no top-k: the run records both and still generates the whole stream
-    rec = _run(folders, tmp_path / "short", steps=2, prompt_tokens=2, top_k=0).record
-    assert rec["config"]["prompt_tokens"] == 2 and rec["config"]["top_k"] == 0 and rec["generated_texts"] == 4
-
+    # no top-k: the run records it and still generates the whole stream
+    rec = _run(folders, tmp_path / "short", steps=2, top_k=0).record
+    assert rec["config"]["top_k"] == 0 and rec["generated_texts"] == 4
 
 def test_prompts_start_every_generated_text_and_their_answers_are_never_read(folders, tmp_path, monkeypatch):
     # --prompts: each generated text is sampled from a whole task prompt (not a general document's start);
@@ -519,13 +399,13 @@ def test_prompts_start_every_generated_text_and_their_answers_are_never_read(fol
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert read_prompts([str(prompts)]) == [r["prompt"] for r in rows]
     seen = {}
-    real = translate_mod.sample_texts
+    real = texts_mod.sample_texts
 
     def spy(model, tok, given, n, **kw):
         seen.update(prompts=list(given), prompt_tokens=kw["prompt_tokens"])
         return real(model, tok, given, n, **kw)
 
-    monkeypatch.setattr(translate_mod, "sample_texts", spy)
+    monkeypatch.setattr(texts_mod, "sample_texts", spy)
     lines = []
     rec = _run(folders, tmp_path / "port", steps=2, prompts=[str(prompts)],
                log=lambda *a, **k: lines.append(" ".join(map(str, a)))).record
@@ -541,11 +421,10 @@ def test_prompts_start_every_generated_text_and_their_answers_are_never_read(fol
     rec = _run(folders, tmp_path / "given", steps=2, prompts=[str(prompts)], init="scaled", lr=1e-2).record
     assert (rec["config"]["init"], rec["config"]["lr"]) == ("scaled", 1e-2)
     for bad, why in ((dict(prompts=[str(tmp_path / "missing.jsonl")]), "prompts file .*missing.jsonl does not exist"),
-                     (dict(lr=0.0), "--lr must be a number > 0, or -1 for auto"),
+                     (dict(lr=0.0), "--lr must be a number > 0 or auto"),
                      (dict(lr=float("nan")), "--lr must be a number > 0"),
-                     (dict(prompts=[str(prompts)], steps=0), "samples nothing from them"),
-                     (dict(prompts=[str(prompts)], generate=0), "samples nothing from them"),
-                     (dict(prompts=[str(prompts)], generate_from="lora-effect"), "samples nothing from them")):
+                     (dict(prompts=[str(prompts)], steps=0), "samples nothing"),
+                     (dict(prompts=[str(prompts)], generate=0), "samples nothing")):
         with pytest.raises(CastloraError, match=why):
             _run(folders, tmp_path / "bad", **{"steps": 2, **bad})
     assert not (tmp_path / "bad").exists()
@@ -579,7 +458,7 @@ def test_labels_train_the_target_on_the_sources_own_answers_to_the_prompts(folde
     assert sorted(cfg["target_modules"]) == [f"gpt_neox.layers.{i}.attention.query_key_value" for i in range(2)]
     tgt = PeftModel.from_pretrained(load_model(str(folders["neox"])), str(out))
     assert any(v.abs().max() > 0 for k, v in get_peft_model_state_dict(tgt).items() if "lora_B" in k)  # it trained
-    for bad, why in ((dict(), "give them as --prompts FILE"), (dict(prompts=[str(prompts)], steps=0), "--steps >= 1 \\(or -1, auto\\)"),
+    for bad, why in ((dict(), "give them as --prompts FILE"), (dict(prompts=[str(prompts)], steps=0), "--steps >= 1 \\(or auto\\)"),
                       (dict(prompts=[str(prompts)], device_map="auto"), "drop --device-map")):
         with pytest.raises(CastloraError, match=why):
             castlora.translate(source=str(folders["llama"]), adapter=str(folders["adapter"]), target=str(folders["neox"]),
@@ -588,15 +467,19 @@ def test_labels_train_the_target_on_the_sources_own_answers_to_the_prompts(folde
 
 
 def test_auto_steps_init_and_lr_per_transfer():
-    # -1 / auto resolve to what was measured for each kind of port; values given are kept
-    quiet = dict(log=lambda *a, **k: None)
+    # auto resolves to what was measured for each kind of port; values given are kept; the config given is not
+    # changed (resolved returns a copy)
     for opts, want in ((dict(), (300, "scaled", 3e-2)), (dict(steps=0), (0, "closed-form", 3e-2)),
                        (dict(prompts=["p.jsonl"]), (300, "zero-delta", 3e-3)),
                        (dict(prompts=["p.jsonl"], transfer="labels"), (800, "zero-delta", 5e-3)),
                        (dict(prompts=["p.jsonl"], transfer="labels", steps=50, lr=1e-3), (50, "zero-delta", 1e-3))):
-        cfg = TranslateConfig(**opts)
-        resolve_auto(cfg, **quiet)
-        assert (cfg.steps, cfg.init, cfg.lr) == want, opts
+        cfg = TranslateConfig(**{"corpus": ["c.txt"], **opts})
+        done = cfg.resolved()
+        assert (done.steps, done.init, done.lr) == want, opts
+        assert cfg.steps in ("auto", 50, 0) and cfg.init == "auto"
+    # weight-space trains nothing and samples no text
+    done = TranslateConfig(transfer="weight-space").resolved()
+    assert (done.steps, done.generate) == (0, 0)
 
 
 def test_greedy_answers_batched_as_one_at_a_time(folders):
@@ -612,34 +495,13 @@ def test_generate_batch_size_auto_on_cpu_explicit_and_bad(folders, tmp_path):
     # 0 (auto) samples 16 texts at a time on the CPU; an explicit size is used and recorded, and the
     # stream still holds every text it asked for
     rec = _run(folders, tmp_path / "auto", steps=2).record
-    assert rec["config"]["generate_batch_size"] == 0 and rec["generate_batch_size"] == 16
+    assert rec["config"]["generate_batch_size"] == 16 and rec["generate_batch_size"] == 16  # the record: resolved
     assert (rec["config"]["init"], rec["config"]["lr"]) == ("scaled", 3e-2)  # auto without --prompts
-    assert TranslateConfig().steps == -1 and _run(folders, tmp_path / "zero", steps=0).record["config"]["init"] == "closed-form"
+    assert TranslateConfig().steps == "auto" and _run(folders, tmp_path / "zero", steps=0).record["config"]["init"] == "closed-form"
     rec = _run(folders, tmp_path / "one", steps=2, generate_batch_size=1).record
     assert rec["generate_batch_size"] == 1 and rec["generated_texts"] == 4
-    with pytest.raises(CastloraError, match="--generate-batch-size must be >= 0"):
+    with pytest.raises(CastloraError, match="--generate-batch-size must be >= 1 or auto"):
         _run(folders, tmp_path / "bad", steps=2, generate_batch_size=-1)
-    assert not (tmp_path / "bad").exists()
-
-
-def test_lora_scaled_scales_the_lora_for_sampling_and_restores_it(folders, tmp_path):
-    pm = PeftModel.from_pretrained(load_model(str(folders["llama"])), str(folders["adapter"])).eval()
-    x = torch.tensor([[1, 450, 4996, 17354, 1701, 29916]])
-    with torch.no_grad():
-        lora = pm(input_ids=x).logits
-        with pm.disable_adapter():
-            base = pm(input_ids=x).logits
-        with lora_scaled(pm, 0.0):  # no LoRA at all: the base model
-            assert torch.allclose(pm(input_ids=x).logits, base, atol=1e-5)
-        with pytest.raises(RuntimeError), lora_scaled(pm, 2.0):
-            assert (pm(input_ids=x).logits - lora).abs().max() > 1e-3  # twice the LoRA moves further
-            raise RuntimeError("interrupted")
-        assert torch.equal(pm(input_ids=x).logits, lora)  # restored, even after the error
-    rec = _run(folders, tmp_path / "amp", steps=2, generate_lora_weight=1.5).record
-    assert rec["config"]["generate_lora_weight"] == 1.5 and rec["generated_texts"] == 4
-    for bad in (-1.0, float("inf")):
-        with pytest.raises(CastloraError, match="--generate-lora-weight must be a finite number >= 0"):
-            _run(folders, tmp_path / "bad", steps=2, generate_lora_weight=bad)
     assert not (tmp_path / "bad").exists()
 
 
@@ -653,20 +515,6 @@ def test_unaligned_positions_are_the_real_ones_no_source_position_matches():
         assert sorted(torch.nonzero(aligned[b]).flatten().tolist()) == \
             sorted(p for p, m in zip(batch.pos_t[b].tolist(), batch.pos_mask[b].tolist()) if m and p < n_t - 1)
     assert (real & ~aligned)[0].any()  # llama splits the rare words differently from neox
-
-
-def test_unaligned_anchor_trains_and_is_zero_with_the_target_as_its_own_port(folders, tmp_path):
-    res = _run(folders, tmp_path / "anchor", steps=3, lr=1e-2, unaligned_weight=1.0)
-    curve = res.record["loss_curve"]
-    assert all(0 <= r["anchor"] < float("inf") for r in curve) and curve[-1]["anchor"] > 0
-    assert all(r["loss"] >= r["kl"] for r in curve)
-    # a zero LoRA from the zero start: the student is the target base, so the anchor is 0
-    zero = castlora.translate(source=str(folders["llama"]), adapter=str(folders["zero"]), target=str(folders["neox"]),
-                              corpus=[str(folders["corpus"])], out=str(tmp_path / "zero"), steps=1, batch_size=2,
-                              seq_len=32, calib_batches=1, init="zero-delta", unaligned_weight=1.0, **QUIET)
-    assert zero.record["loss_curve"][0]["anchor"] == pytest.approx(0.0, abs=1e-6)
-    with pytest.raises(CastloraError, match="unaligned-weight"):
-        _run(folders, tmp_path / "bad", steps=1, unaligned_weight=-1.0)
 
 
 def test_backoff_lowers_the_lr_of_a_diverging_run(folders, tmp_path):
@@ -702,7 +550,7 @@ def test_a_missing_strength_corpus_fails_before_any_model_loads(folders, tmp_pat
     def no_load(*a, **k):
         raise AssertionError("a model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(translate_mod, "load_model", no_load)
+    monkeypatch.setattr(pair_mod, "load_model", no_load)
     missing = tmp_path / "no_such_text.txt"
     with pytest.raises(CorpusError, match="no_such_text"):
         _run(folders, tmp_path / "port", steps=1, strength_corpus=[str(missing)])
@@ -760,7 +608,8 @@ def test_delta_teacher_zero_lora_is_target_distribution(folders):
         paths = [p.source_module for p, _ in ports]
         closed_form_init(ports, inner, tgt, paths, [batch])
         with attached(tgt, ports) as wrappers, torch.no_grad():
-            lp_teacher = teacher_outputs(source, inner, tgt, wrappers, ports, batch, vocab, "delta", 1.0, False).logp
+            pair = ModelPair(source, tgt, None, None, None, t_sites, ports, wrappers)
+            lp_teacher = make_teacher("delta").outputs(pair, batch, vocab, 1.0, False).logp
             logits = tgt(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
             lp_student = shared_log_probs(batch.gather(logits, "t"), vocab.ids_t, 1.0)
         with torch.no_grad():  # the target's own distribution
@@ -801,7 +650,7 @@ def test_resume_after_interrupt_matches_uninterrupted(folders, uninterrupted, tm
                                                       interrupt, ckpt_step):
     full_out, full = uninterrupted
     calls = {"n": 0}
-    real = translate_mod.encode_pair
+    real = cast_mod.encode_pair
 
     def flaky(*a, **k):
         calls["n"] += 1
@@ -810,10 +659,10 @@ def test_resume_after_interrupt_matches_uninterrupted(folders, uninterrupted, tm
         return real(*a, **k)
 
     out = tmp_path / "resumed"
-    monkeypatch.setattr(translate_mod, "encode_pair", flaky)
+    monkeypatch.setattr(cast_mod, "encode_pair", flaky)
     with pytest.raises(interrupt):
         _run(folders, out, **RESUME)
-    monkeypatch.setattr(translate_mod, "encode_pair", real)
+    monkeypatch.setattr(cast_mod, "encode_pair", real)
     assert not out.exists()
     work = tmp_path / ".resumed.castlora-work"
     state = json.loads((work / "checkpoint" / "state.json").read_text())
@@ -822,7 +671,7 @@ def test_resume_after_interrupt_matches_uninterrupted(folders, uninterrupted, tm
     def searched_again(*a, **k):
         raise AssertionError("a resumed run reuses the start scale chosen before the interrupt")
 
-    monkeypatch.setattr(translate_mod, "scale_output_heads", searched_again)
+    monkeypatch.setattr(cast_mod, "scale_output_heads", searched_again)
     resumed = _run(folders, out, resume=True, **RESUME)
     assert resumed.record["init"]["output_scale"] == full.record["init"]["output_scale"]
     assert resumed.record["init"]["start_kl"] == full.record["init"]["start_kl"]
@@ -839,7 +688,7 @@ def test_resume_after_interrupt_matches_uninterrupted(folders, uninterrupted, tm
 def _crash_at_step_4(folders, out, monkeypatch, **kw) -> None:
     """Run with RESUME's settings and crash at the batch of step 4 (after the step-3 checkpoint)."""
     calls = {"n": 0}
-    real = translate_mod.encode_pair
+    real = cast_mod.encode_pair
 
     def flaky(*a, **k):
         calls["n"] += 1
@@ -847,25 +696,10 @@ def _crash_at_step_4(folders, out, monkeypatch, **kw) -> None:
             raise SimulatedCrash("simulated")
         return real(*a, **k)
 
-    monkeypatch.setattr(translate_mod, "encode_pair", flaky)
+    monkeypatch.setattr(cast_mod, "encode_pair", flaky)
     with pytest.raises(SimulatedCrash):
         _run(folders, out, **kw, **RESUME)
-    monkeypatch.setattr(translate_mod, "encode_pair", real)
-
-
-def test_balanced_kernels_resume_matches_uninterrupted(folders, tmp_path, monkeypatch):
-    full = tmp_path / "full"
-    _run(folders, full, balanced_kernels=True, **RESUME)
-    out = tmp_path / "resumed"
-    _crash_at_step_4(folders, out, monkeypatch, balanced_kernels=True)
-    _run(folders, out, resume=True, balanced_kernels=True, **RESUME)
-    a, b = load_file(str(full / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-
-
-# --------------------------------------------------- g. existing output
+    monkeypatch.setattr(cast_mod, "encode_pair", real)
 
 
 def test_existing_output_needs_overwrite(folders, tmp_path, monkeypatch):
@@ -877,7 +711,7 @@ def test_existing_output_needs_overwrite(folders, tmp_path, monkeypatch):
         raise AssertionError("a model was loaded before the output check")
 
     with monkeypatch.context() as m:
-        m.setattr(translate_mod, "load_model", no_load)
+        m.setattr(pair_mod, "load_model", no_load)
         with pytest.raises(CastloraError, match="already exists"):
             _run(folders, out, steps=0)
     assert (out / "old.txt").read_text() == "old"
@@ -920,17 +754,16 @@ def test_translate_with_a_multi_device_map_matches_single_device(folders, tmp_pa
     assert sharded.record["config"]["device_map"]
 
 
-def test_device_map_with_checkpointing_weight_space_and_ridge_search(folders, tmp_path):
+def test_device_map_with_checkpointing_and_weight_space(folders, tmp_path):
     """The sharded path (here a map for the target alone: the source loads whole) with the options that touch
     the modules themselves: gradient checkpointing (test_speed checks that it gives accelerate's hook back),
-    the weight-space baseline (which reads the disk-offloaded weights) and the ridge search of the scaled
-    start. Each must equal its single-device run."""
+    and the weight-space baseline (which reads the disk-offloaded weights). Each must equal its single-device
+    run."""
     device_map = json.dumps({"gpt_neox.embed_in": "cpu", "gpt_neox.layers.0": "cpu", "gpt_neox.layers.1": "disk",
                              "gpt_neox.final_layer_norm": "cpu", "gpt_neox.rotary_emb": "cpu", "lm_head": "cpu"})
     target_only = json.dumps({"target": json.loads(device_map)})
     for name, kw in (("ckpt", dict(steps=3, generate=0, gradient_checkpointing=True)),
-                     ("ws", dict(transfer="weight-space")),
-                     ("ridge", dict(steps=2, generate=0, init="scaled-ridge"))):
+                     ("ws", dict(transfer="weight-space"))):
         plain = _run(folders, tmp_path / f"{name}_plain", **kw)
         sharded = _run(folders, tmp_path / f"{name}_sharded", device_map=target_only, **kw)
         a = load_file(str(plain.out / "adapter_model.safetensors"))
@@ -1063,40 +896,3 @@ def test_search_start_picks_the_best_candidate_and_scale(folders):
         assert torch.equal(port.p_in.linear_part(), a)
         torch.testing.assert_close(port.p_out.linear_part(), 1.5 * b)
 
-
-def test_scaled_ridge_start_keeps_the_closed_form_on_the_same_model(folders, tmp_path):
-    """On the same model the cross-validated closed form is the source LoRA itself; every fixed
-    output ridge shrinks it, so the search must keep the closed form at full scale."""
-    res = castlora.translate(source=str(folders["llama"]), adapter=str(folders["adapter"]), target=str(folders["llama"]),
-                             corpus=[str(folders["corpus"])], out=str(tmp_path / "sr"), steps=1, lr=1e-9,
-                             batch_size=4, seq_len=48, calib_batches=2, generate=0, init="scaled-ridge", **QUIET)
-    info = res.record["init"]
-    assert info["candidate"] == "closed-form" and info["output_scale"] == 1.0
-    kl = info["start_kl"]
-    assert set(kl) == {"closed-form@0.0", *(f"{c}@{s}" for c in ("closed-form", "0.001", "0.01", "0.1")
-                                           for s in (0.25, 0.5, 0.75, 1.0))}
-    assert kl["closed-form@1.0"] < kl["0.1@1.0"] and kl["closed-form@1.0"] == min(kl.values())
-
-
-def test_resume_restores_a_searched_output_ridge(folders, tmp_path, monkeypatch):
-    """A resumed scaled-ridge run rebuilds the output heads at the ridge chosen before the interrupt
-    (not the cross-validated ones) and ends exactly where an uninterrupted run ends."""
-    real_search = translate_mod.search_start
-    # force a fixed-ridge winner, so that the resume has to rebuild it
-    monkeypatch.setattr(translate_mod, "search_start", lambda p, kl_at, c: real_search(p, kl_at, {"0.1": c["0.1"]}))
-    full_out = tmp_path / "full"
-    full = _run(folders, full_out, init="scaled-ridge", **RESUME)
-    assert full.record["init"]["candidate"] == "0.1"
-
-    out = tmp_path / "resumed"
-    _crash_at_step_4(folders, out, monkeypatch, init="scaled-ridge")
-
-    def searched_again(*a, **k):
-        raise AssertionError("a resumed run reuses the start chosen before the interrupt")
-
-    monkeypatch.setattr(translate_mod, "search_start", searched_again)
-    resumed = _run(folders, out, init="scaled-ridge", resume=True, **RESUME)
-    assert resumed.record["init"]["candidate"] == "0.1"
-    a, b = load_file(str(full_out / "heads.safetensors")), load_file(str(out / "heads.safetensors"))
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7)

@@ -42,7 +42,7 @@ class PortedKernel(nn.Module):
     The heads replace Vh (P_in: d_in_T -> r) and Uk (P_out: r -> d_out_T).
     """
 
-    def __init__(self, kernel: LoraKernel, target: Site, head: str = "linear", extra_rank: int = 0):
+    def __init__(self, kernel: LoraKernel, target: Site, head: str = "linear"):
         super().__init__()
         A, B = kernel.A.double(), kernel.B.double()
         U, S, Vh = torch.linalg.svd(A, full_matrices=False)
@@ -57,16 +57,6 @@ class PortedKernel(nn.Module):
         self.source_module = kernel.module_path
         self.p_in = make_head(head, target.d_in, self.rank)
         self.p_out = make_head(head, self.rank, target.d_out)
-        # --extra-rank: k free directions beside the kernel's r, a fresh rank-k LoRA on the target
-        # site that the KL trains with the heads (does a rank-r port lack directions to follow its
-        # teacher? On the zoo, no: docs/results.md, session 13). They pass with the kernel's mean
-        # gain, so a step on their written side moves the delta as far as one on P_out's;
-        # init_extra sets their read side.
-        self.extra_rank = int(extra_rank)
-        if self.extra_rank:
-            self.x_in = LinearHead(target.d_in, self.extra_rank)
-            self.x_out = LinearHead(self.extra_rank, target.d_out)
-            self.register_buffer("extra_gain", Sk.mean().float().reshape(()))
         self.record = False
         self.last_z: torch.Tensor | None = None
 
@@ -74,17 +64,14 @@ class PortedKernel(nn.Module):
         z = self.p_in(x)
         if self.record:  # kept for the MSE term, which compares z with in_basis^T x_S
             self.last_z = z
-        y = self.p_out(z @ self.core.t().to(z.dtype))
-        if self.extra_rank:
-            y = y + self.x_out(self.x_in(x) * self.extra_gain.to(x.dtype))
-        return self.scale * y
+        return self.scale * self.p_out(z @ self.core.t().to(z.dtype))
 
     def added_to(self, y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """y + forward(x), the delta written into `rows` of y's last dimension when given (a fused
-        module's role). With linear heads and no extra rank, the scale and the sum ride in the output
+        module's role). With linear heads the scale and the sum ride in the output
         head's matmul (one addmm): no full-size product to scale and then add, forward or backward; a
         fused role's output head is widened to the module's width with zero rows elsewhere (r columns)."""
-        if self.extra_rank or not isinstance(self.p_out, LinearHead):
+        if not isinstance(self.p_out, LinearHead):
             d = self.forward(x).to(y.dtype)
             return y + d if rows is None else y.index_add(-1, rows, d)
         z = self.p_in(x)
@@ -97,23 +84,6 @@ class PortedKernel(nn.Module):
             w = w.new_zeros(y.shape[-1], w.shape[1]).index_copy(0, rows, w)
         out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), w.t().to(y.dtype))
         return out.view(y.shape)
-
-    @torch.no_grad()
-    def init_extra(self, generator: torch.Generator) -> None:
-        """The extra directions' start, as a LoRA's (B = 0: the delta does not move): written side
-        zero, read side random orthonormal rows as long as the input head's mean row, so they read
-        the target's activations at the scale the kernel's own directions do."""
-        if not self.extra_rank:
-            return
-        w = self.x_in.weight
-        rows = torch.randn(w.shape, generator=generator, dtype=torch.float64)
-        if rows.shape[0] <= rows.shape[1]:
-            rows = torch.linalg.qr(rows.t())[0].t()
-        else:
-            rows = rows / rows.norm(dim=1, keepdim=True)
-        norm = float(self.p_in.linear_part().norm(dim=1).mean())
-        w.copy_((rows * (norm if norm > 0 else 1.0)).to(w))
-        self.x_out.weight.zero_()
 
     def source_delta(self, x_s: torch.Tensor) -> torch.Tensor:
         """What the source LoRA adds at the source site (for tests and CAST-0)."""
@@ -171,36 +141,6 @@ def attached(model: nn.Module, ports: list[tuple[PortedKernel, Site]]) -> Iterat
     finally:
         for parent, name, original in reversed(swapped):
             setattr(parent, name, original)
-
-
-@contextmanager
-def balanced_kernels(ports: list[tuple[PortedKernel, Site]]) -> Iterator[None]:
-    """Train the output heads in coordinates where the kernel's r directions have equal gain.
-
-    The core is diag(Sk) Wk^T: direction j of the kernel passes with gain Sk[j], so a step of the
-    output head's column j moves the ported delta Sk[j] times as far. Adam takes steps of about the
-    same size in every parameter, so the delta learns the weak directions of a steep LoRA slowly.
-    Inside, the core is c Wk^T (c the mean of Sk) and column j of P_out is scaled by Sk[j] / c: the
-    same delta, the same function class, every direction at one gain. On exit both go back, so the
-    heads are exported and saved as always. Linear heads only (an MLP head's branch reads the core
-    too)."""
-    gains = []
-    with torch.no_grad():
-        for port, _ in ports:
-            if not isinstance(port.p_out, LinearHead):
-                raise ValueError("--balanced-kernels needs linear heads (--head linear)")
-            sk = port.core.norm(dim=1)  # the rows of diag(Sk) Wk^T have norms Sk
-            g = (sk.mean() / sk.clamp_min(1e-3 * sk.max().clamp_min(1e-30))).clamp_max(1e3)
-            port.core.mul_(g[:, None])
-            port.p_out.weight.div_(g)
-            gains.append(g)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for (port, _), g in zip(ports, gains):
-                port.core.div_(g[:, None].to(port.core.device))
-                port.p_out.weight.mul_(g.to(port.p_out.weight.device))
 
 
 @contextmanager

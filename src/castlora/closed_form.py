@@ -27,7 +27,7 @@ def _module_out(module, x: torch.Tensor, rows) -> torch.Tensor:
 RIDGE_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
-class _Fit:
+class Fit:
     """Gram statistics of one regression Y ~ X P^T, kept per fold for cross-validation."""
 
     def __init__(self):
@@ -66,11 +66,11 @@ class _Fit:
 
 @torch.no_grad()
 def accumulate_fits(ports: list[tuple[PortedKernel, Site]], source_inner, target, source_paths: list[str],
-                    batches) -> tuple[list[tuple[_Fit, _Fit]], int]:
+                    batches) -> tuple[list[tuple[Fit, Fit]], int]:
     """Gram statistics of every port's input and output regression on `batches` (PairBatch list),
     two folds each (alternate batches, or alternate positions when there is one batch). Returns
     them with the number of aligned positions seen."""
-    fits = [(_Fit(), _Fit()) for _ in ports]
+    fits = [(Fit(), Fit()) for _ in ports]
     tgt_paths = [site.path for _, site in ports]
     n = 0
     for b_idx, batch in enumerate(batches):
@@ -97,7 +97,7 @@ def accumulate_fits(ports: list[tuple[PortedKernel, Site]], source_inner, target
     return fits, n
 
 
-def output_head_weights(ports: list[tuple[PortedKernel, Site]], fits: list[tuple[_Fit, _Fit]],
+def output_head_weights(ports: list[tuple[PortedKernel, Site]], fits: list[tuple[Fit, Fit]],
                         lam: float | None) -> list[torch.Tensor]:
     """Each port's closed-form output head at ridge `lam` (None: each head's cross-validated choice),
     restricted to the kernel's output basis."""
@@ -107,7 +107,7 @@ def output_head_weights(ports: list[tuple[PortedKernel, Site]], fits: list[tuple
 
 
 @torch.no_grad()
-def apply_fits(ports: list[tuple[PortedKernel, Site]], fits: list[tuple[_Fit, _Fit]], lam: float | None,
+def apply_fits(ports: list[tuple[PortedKernel, Site]], fits: list[tuple[Fit, Fit]], lam: float | None,
                positions: int) -> dict:
     """Set every port's heads to the ridge solution of its statistics (accumulate_fits). Returns stats."""
     chosen = []
@@ -159,7 +159,7 @@ def fit_closed_form(ports: list[tuple[PortedKernel, Site]], source_inner, target
     """Set every port's heads to the ridge solution on `batches` (PairBatch list), in groups of ports whose
     statistics fit in `budget` bytes: one pass over the batches per group, each group's statistics freed before
     the next. Returns apply_fits's stats and, for each ridge in `ridges`, every port's output head at that ridge
-    (output_head_weights; --init scaled-ridge searches them once the statistics are gone).
+    (output_head_weights).
 
     `lam` None (the default): each head's penalty is chosen from RIDGE_GRID by 2-fold
     cross-validation (alternate batches, or alternate positions when there is one batch). The
@@ -208,3 +208,6 @@ def zero_output_heads(ports: list[tuple[PortedKernel, Site]]) -> None:
 
 
 __all__ = ["accumulate_fits", "apply_fits", "closed_form_init", "fit_closed_form", "output_head_weights", "random_init", "zero_output_heads", "ridge"]
+
+
+_Fit = Fit  # the old private name

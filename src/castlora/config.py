@@ -1,218 +1,281 @@
-"""Typed configuration: dataclass fields carry their help text; YAML files override defaults and
-command-line flags override YAML. The resolved config is saved beside every output."""
+"""Typed configuration: one dataclass per command, each field with its help, its `--help` group and its
+checks. The command line (cli.py) is generated from these dataclasses; YAML files (`--config`) and the
+Python API fill the same fields. Every check of a value, alone or against another field, lives in the
+dataclass's `__post_init__`, so the command line, a YAML file and `castlora.translate(...)` are refused
+alike. "auto" is the one spelling of a value chosen per run; `TranslateConfig.resolved` says what it
+became, without changing the config it was given."""
 
-from __future__ import annotations
-
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from .errors import CastloraError
 
+AUTO = "auto"
+Auto = Literal["auto"]
 
-def opt(default, help: str, choices: tuple | None = None):
-    meta = {"help": help, "choices": choices}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+# --help groups of `castlora translate`, in the order they are printed
+INPUTS, TRAINING, TEACHER, GENERATION, RUNTIME, SAFETY = (
+    "inputs and output", "training", "teacher", "text generation", "scale and runtime", "safety")
+
+
+def opt(default, help: str, group: str = "", required: bool = False):
+    meta = {"help": help, "group": group, "required": required}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def choices_of(annotation) -> tuple | None:
+    """The allowed strings of a Literal field (inside Optional/Union too), else None."""
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    if get_origin(annotation) is Union:
+        found = [c for a in get_args(annotation) for c in (choices_of(a) or ())]
+        return tuple(found) or None
+    return None
+
+
+def _type_ok(value, annotation) -> bool:
+    origin = get_origin(annotation)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation in (int, str, bool):
+        return isinstance(value, annotation) and (annotation is bool or not isinstance(value, bool))
+    if origin is Literal:
+        return value in get_args(annotation)
+    if origin is Union:
+        return any(_type_ok(value, a) for a in get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin is list or annotation is list:
+        return isinstance(value, list) and all(isinstance(v, (str, Path)) for v in value)
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def field_types(cls) -> dict:
+    """Each field's type as a type (a module with postponed annotations holds them as strings)."""
+    return get_type_hints(cls if isinstance(cls, type) else type(cls))
+
+
+def check_types(cfg) -> None:
+    """Refuse a field of the wrong type or outside its choices, by name: a YAML slip (`tasks: greet`,
+    `steps: ten`) would otherwise fail deep in a run, or run the wrong thing."""
+    types = field_types(cfg)
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        f = replace_type(f, types[f.name])
+        if not _type_ok(value, f.type):
+            flag = "--" + f.name.replace("_", "-")
+            choices = choices_of(f.type)
+            want = f"one of {', '.join(map(str, choices))}" if choices and get_origin(f.type) is Literal else \
+                {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(f.type) or \
+                ("a list" if get_origin(f.type) is list else f"of type {f.type}")
+            if get_origin(f.type) is Union and choices:
+                want = " or ".join(["a number" if float in get_args(f.type) else "an integer", *map(repr, choices)])
+            raise CastloraError(f"{flag} must be {want}, not {value!r}")
+
+
+def replace_type(f, t):
+    """A stand-in of dataclass field `f` whose .type is the resolved type `t`."""
+    class _F:
+        name, type, metadata = f.name, t, f.metadata
+    return _F
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and x == x and abs(x) != float("inf")
+
+
+def need(ok: bool, message: str) -> None:
+    if not ok:
+        raise CastloraError(message)
 
 
 @dataclass
 class TranslateConfig:
-    source: str = opt("", "source model: local folder or hub id")
-    adapter: str = opt("", "PEFT LoRA folder trained on the source model")
-    target: str = opt("", "target model: local folder or hub id")
-    corpus: list = opt([], "general text: .txt/.txt.gz/.jsonl files or a `datasets` name")
-    out: str = opt("", "output folder (PEFT adapter + heads + castlora.json)")
-    transfer: str = opt("cast", "cast: learned heads; weight-space: the data-free Cross-LoRA style baseline; labels "
-                                "(needs --prompts, not data-free): the source with its LoRA answers every prompt and a "
-                                "LoRA of the same shape is trained on the target on those answers (--steps, --lr, "
-                                "--batch-size, --seq-len are its; docs/results.md, session 29)",
-                        ("cast", "weight-space", "labels"))
-    steps: int = opt(-1, "head-training steps; 0 = the closed-form transfer alone (CAST-0); -1 = auto: 300, or with "
-                         "--transfer labels the LoRA's 800")
-    batch_size: int = opt(8, "texts per step")
-    seq_len: int = opt(256, "source tokens per text")
-    lr: float = opt(-1.0, "peak learning rate of the heads (AdamW, warmup then cosine); -1 = auto: 3e-2, or 3e-3 "
-                          "with --prompts, 5e-3 with --transfer labels. On shakespeare validation text 1e-2 beat 2e-3 by +0.06 to +0.14 of the gap, "
-                          "and 3e-2 beat 1e-2 by +0.02 to +0.04; on greet validation names with --prompts 3e-3 "
-                          "answered 0.633 / 0.617 exactly, 1e-2 0.167 / 0.533 (docs/results.md, sessions 5 and 28)")
-    alpha: float = opt(1.0, "weight of the KL term")
-    beta: float = opt(0.1, "weight of the relative-MSE term. On shakespeare validation text (blend) 0 gave +0.017 "
-                           "(neox->llama) and +0.000 (mistral->llama) of the gap, 1 gave -0.010 (docs/results.md)")
-    temperature: float = opt(1.0, "distillation temperature tau. On shakespeare validation text (neox->llama, "
-                                   "blend) 0.5 lost 0.141 of the gap and 0.75 lost 0.039 (docs/results.md)")
-    teacher: str = opt("auto", "teacher distribution: log p_S+LoRA + w (log p_T - log p_S), renormalised. "
-                               "source: w = 0 (source+LoRA itself); delta: w = 1 (the target's own base, tilted "
-                               "by the LoRA); blend: w = --delta-weight; source_base: the source without its "
-                               "LoRA (= source with --no-teacher-lora); auto: blend when the source base is the "
-                               "weaker model (1 percent more bits per byte on documents of --strength-corpus, "
-                               "else of --corpus), else source. On "
-                               "shakespeare validation text blend beat source from the weaker models (neox->llama "
-                               "0.606 against 0.391 of the gap) and lost from the stronger (llama->mistral 0.771 "
-                               "against 0.839; docs/results.md)",
-                       ("auto", "source", "blend", "delta", "source_base"))
-    delta_weight: float = opt(0.5, "w of --teacher blend: how much of the source base the teacher swaps for the "
-                                   "target's own base")
-    lora_weight: float = opt(1.0, "a: the teacher applies a x the LoRA's effect on the source, log p = (1 - w) "
-                                  "log p_S + w log p_T + a (log p_S+LoRA - log p_S) (w: 0 for the source teacher, "
-                                  "--delta-weight for blend). On shakespeare validation text (blend, neox->llama) a = 0.75 "
-                                  "lost 0.065 of the gap, 1.25 gained 0.022 (one seed moves a cell 0.02) and 1.5 lost "
-                                  "0.042 (docs/results.md, session 9)")
-    other_bucket: bool = opt(False, "compare teacher and student over the shared vocabulary plus one bucket that "
-                                    "holds each model's mass on its unshared tokens, instead of renormalising over "
-                                    "the shared vocabulary (which leaves the student's unshared mass untrained). "
-                                    "Computes every output column (slower). On shakespeare validation text (blend, "
-                                    "neox->llama) 0.606 of the gap, as without it (docs/results.md, session 10)")
-    backoff: float = opt(0.0, "halve the lr for the rest of the run whenever the training KL's running mean (about "
-                              "the last 10 steps) climbs this fraction above its lowest value: the lr "
-                              "that suits one LoRA diverges on another. On greet validation prompts (llama->mistral, lr "
-                              "3e-2) 0.1 took the completion-loss gap from -0.084 to 0.165 (lr 1e-2: 0.259); the KL "
-                              "jumps within a step, so it halves the lr after the damage (docs/results.md, session "
-                              "11). 0 = off")
-    unaligned_weight: float = opt(0.0, "weight of KL(target base || student) at the target positions that align "
-                                       "with no source position (inside a word the target splits and the source "
-                                       "does not: no teacher there), summed over them per aligned position; holds "
-                                       "the target to its own prediction where it cannot be taught. One more target "
-                                       "pass per step. At 1 on shakespeare validation text (neox->llama) 0.612 of "
-                                       "the gap against 0.606: it wins the unaligned positions and loses as much at "
-                                       "the aligned ones (docs/results.md, session 11)")
-    balanced_kernels: bool = opt(False, "train the output heads in coordinates where each of the kernel's r "
-                                        "directions has the same gain (the same ported delta, the same heads at "
-                                        "export): Adam otherwise moves a steep LoRA's weak directions slowly. Linear "
-                                        "heads only. On shakespeare validation text (neox->llama) 0.604 of the gap "
-                                        "against 0.606 (docs/results.md, session 11)")
-    strength_corpus: list = opt([], "held-out text on which --teacher auto measures which base model is the "
-                                    "stronger (files or a `datasets` name, like --corpus): text neither model "
-                                    "trained on measures it best. Default: documents of --corpus")
-    teacher_lora: bool = opt(True, "the teacher's source side runs with the LoRA. --no-teacher-lora is the "
-                                   "imitation control: the same teacher and training with the LoRA switched off")
-    position_weight: str = opt("uniform", "weight of each aligned position in the KL. lora-effect: its "
-                                          "KL(source+LoRA || source), over the batch mean, so training dwells where "
-                                          "the LoRA acts (one more source pass per step). It lost on shakespeare "
-                                          "validation text, neox->llama 0.241 of the gap against 0.391 "
-                                          "(docs/results.md)",
-                               ("uniform", "lora-effect"))
-    head: str = opt("linear", "head type. mlp lost to linear on both validation pairs and diverged on one "
-                              "(docs/results.md)", ("linear", "mlp"))
-    extra_rank: int = opt(0, "free directions per ported kernel beside its r: a fresh rank-k LoRA on each target site "
-                             "(read side random, written side zero) trained by the same KL, so the exported "
-                             "adapter has rank r + k. Not the source LoRA's directions: its imitation control gets "
-                             "them too. On shakespeare validation text 8 more moved neox->llama (blend) 0.606 -> "
-                             "0.613 of the gap and llama->mistral 0.839 -> 0.823, and the held-out KL to the "
-                             "teacher by under 0.01 nats; 24 more climbed at lr 3e-2 (-0.168, 0.751). The ports are "
-                             "not short of directions (docs/results.md, session 13). 0 = off")
-    layer_map: str = opt("proportional", "source->target layer map. cka lost to proportional on both validation "
-                                        "pairs (docs/results.md)", ("proportional", "cka"))
-    cover_layers: bool = opt(False, "every target layer hosts the LoRA: where the layer map leaves a target layer "
-                                    "without a kernel (a deeper target), it gets a copy of the kernels of the source "
-                                    "layer at the nearest relative depth, with heads of its own, so the port has as "
-                                    "many adapted layers as a LoRA trained on the target. On shakespeare validation "
-                                    "text (mistral->llama, 4 -> 6 layers, blend) 0.666 of the gap against 0.646 "
-                                    "(docs/results.md, session 10)")
-    init: str = opt("auto", "head initialisation. closed-form = CAST-0; zero-delta = CAST-0's input heads with "
-                            "zero output heads, so training starts at the target base (as a LoRA's B = 0); scaled "
-                            "= CAST-0 with the output heads scaled by the factor in {0, 1/4, 1/2, 3/4, 1} that "
-                            "fits the teacher best on the held-out calibration text; scaled-ridge = scaled, with "
-                            "the output heads' ridge also searched (cross-validated or 1e-3, 1e-2, 1e-1) by the same "
-                            "KL; auto = closed-form when --steps 0, zero-delta when training with --prompts, else scaled",
-                   ("auto", "closed-form", "zero-delta", "scaled", "scaled-ridge", "random"))
-    ridge: float = opt(-1.0, "relative ridge penalty of the closed-form start; -1 = chosen per head by 2-fold "
-                             "cross-validation on the calibration text")
-    calib_batches: int = opt(4, "batches of activations for the closed-form start and the CKA map")
-    generate: int = opt(-1, "sample this many texts from source+LoRA and train on them (no task data); "
-                            "-1 = auto (--mix of the training texts), 0 = general text only")
-    mix: float = opt(1.0, "at most this fraction of the training texts is generated (1 = every one). Measured: a "
-                          "third against none lifted gap recovered from 0.54 to 0.68 on llama->mistral; all against a "
-                          "third gained on validation text in all nine runs (three pairs, two domains, two seeds: "
-                          "+0.008 to +0.049), so 1 is the default since session 14 (docs/results.md)")
-    top_k: int = opt(50, "top-k of the sampling for --generate (0 = no top-k: sample the whole distribution)")
-    generate_lora_weight: float = opt(1.0, "the LoRA's scale while --generate samples (1 = as trained; above 1 the "
-                                           "text leans further toward what the LoRA does). The teacher keeps "
-                                           "--lora-weight")
-    generate_batch_size: int = opt(0, "texts sampled at once by --generate; 0 = auto: 16 on the CPU, 128 on an "
-                                      "accelerator (decoding small models is launch-bound there, so a wider batch "
-                                      "costs about the same per token). The batch seeds the sampler, so another "
-                                      "size samples other (equally likely) texts")
-    prompt_tokens: int = opt(8, "with --generate-from doc-start: how many tokens of each general document start a "
-                                "generated text (the rest of its --seq-len tokens the source writes with its LoRA)")
-    generate_from: str = opt("doc-start", "prompts of --generate. doc-start: the first --prompt-tokens tokens "
-                                          "of general documents; lora-effect: windows of general text where the "
-                                          "LoRA moves the source the most (KL(source+LoRA || source)), each cut right after that "
-                                          "position, so sampling continues where the LoRA acts. It finds line ends "
-                                          "and format breaks, not the task: on validation text 0.589 of the gap "
-                                          "against 0.606 (shakespeare neox->llama) and 0.212 against 0.259 (greet "
-                                          "llama->mistral) (docs/results.md, session 11)",
-                             ("doc-start", "lora-effect"))
-    prompts: list = opt([], "unlabelled prompts of the task (.txt/.txt.gz documents, or .jsonl with a `prompt` or `text` "
-                            "field; answers are never read): --generate samples every text from a whole prompt instead "
-                            "of a general document start, so the teacher shows the LoRA on the inputs it was trained "
-                            "for. Prompts are task data, so such a port is no longer data-free (castlora.json: "
-                            "task_prompts). --corpus still gives the calibration and strength text. With it --init "
-                            "auto and --lr -1 (auto) mean the bench's recipe, chosen on validation prompts: "
-                            "--init zero-delta --lr 3e-3 (docs/results.md, sessions 28-29)")
-    device: str = opt("cpu", "torch device")
-    device_map: str = opt("", "load both models sharded through accelerate: 'auto' (all GPUs, then CPU) or a "
-                              "JSON module->device map, one for both models or {\"source\": {...}, \"target\": "
-                              "{...}} (a model left out loads whole on --device); empty = everything on --device")
-    dtype: str = opt("float32", "model dtype (float32 on CPU; bfloat16 on GPU)")
-    amp: str = opt("auto", "autocast the forward passes: auto = bf16 on CUDA, off elsewhere",
-                   ("auto", "bf16", "fp16", "off"))
-    gradient_checkpointing: bool = opt(False, "recompute the target's blocks in the backward pass: activation "
-                                              "memory stops growing with depth, for about one more target forward")
-    teacher_cache: str = opt("", "folder for a precomputed teacher: filled on the first run, then read by later runs "
-                                 "with the same teacher (skips the source forward and the text generation)")
-    teacher_top_k: int = opt(128, "with --teacher-cache: keep the teacher's top-k pieces per position (the rest of "
-                                  "the mass as one bucket). The tail carries part of the LoRA: k 128 cost 0.02-0.04 "
-                                  "of the gap on validation cells, k 1024 0.02 (docs/performance.md)")
-    seed: int = opt(0, "seed for data order, sampling and random heads")
-    max_epochs: float = opt(4.0, "error out when the training stream would repeat the corpus more than this many times")
-    checkpoint_every: int = opt(100, "save a resumable checkpoint every N steps")
-    resume: bool = opt(False, "continue from the last checkpoint of an interrupted run with the same --out")
-    overwrite: bool = opt(False, "replace --out if it exists")
-    allow_drop: bool = opt(False, "drop (and list) adapter sites the target cannot host instead of failing")
-    allow_pickle: bool = opt(False, "allow loading pickle (.bin/.pt) weights; they can execute code")
-    trust_remote_code: bool = opt(False, "allow model code from the model folder/hub")
-    progress: bool = opt(True, "show a progress bar")
+    # inputs and output
+    source: str = opt("", "source model: local folder or hub id", INPUTS, required=True)
+    adapter: str = opt("", "PEFT LoRA trained on the source model: local folder or hub id", INPUTS, required=True)
+    target: str = opt("", "target model: local folder or hub id", INPUTS, required=True)
+    out: str = opt("", "output folder: the target's PEFT adapter, heads.safetensors and castlora.json", INPUTS,
+                   required=True)
+    corpus: list[str] = opt([], "general text: .txt, .txt.gz (documents apart by two blank lines) or .jsonl (`text` "
+                                "field) files, or a `datasets` name. Needed by --transfer cast", INPUTS)
+    prompts: list[str] = opt([], "the task's unlabelled prompts (.txt or .jsonl with a `prompt` or `text` field; answers "
+                                 "are never read). Task data: the port is no longer data-free", INPUTS)
+    adapter_revision: Optional[str] = opt(None, "revision (branch, tag or commit) of a hub --adapter", INPUTS)
+    overwrite: bool = opt(False, "replace --out if it exists (never an input)", INPUTS)
+    resume: bool = opt(False, "continue an interrupted run with the same --out and the same settings", INPUTS)
+    # training
+    transfer: str = opt("cast", "how to port: cast (learned heads, data-free), weight-space (the data-free SVD "
+                                "baseline), labels (needs --prompts: a LoRA trained on the source's answers)", TRAINING)
+    steps: Union[int, Auto] = opt(AUTO, "training steps; 0 = the closed-form transfer alone (CAST-0). auto: 300, "
+                                        "800 with --transfer labels", TRAINING)
+    batch_size: int = opt(8, "texts per step", TRAINING)
+    seq_len: int = opt(256, "source tokens per text", TRAINING)
+    lr: Union[float, Auto] = opt(AUTO, "peak learning rate (warmup, then cosine decay). auto: 3e-2; 3e-3 with "
+                                       "--prompts; 5e-3 with --transfer labels", TRAINING)
+    init: Union[Literal["closed-form", "zero-delta", "scaled", "random"], Auto] = opt(
+        AUTO, "start of the heads: closed-form (CAST-0), zero-delta (CAST-0's input heads, output heads zero), "
+              "scaled (CAST-0's output heads at the scale that fits the teacher best on held-out text), random. "
+              "auto: closed-form with --steps 0, zero-delta with --prompts, else scaled", TRAINING)
+    head: Literal["linear", "mlp"] = opt("linear", "projection head: linear, or mlp (a linear head plus a residual "
+                                                   "MLP branch)", TRAINING)
+    layer_map: Literal["proportional", "cka"] = opt("proportional", "source-to-target layer map: proportional "
+                                                                    "depth, or CKA between residual streams", TRAINING)
+    beta: float = opt(0.1, "weight of the relative-MSE term beside the KL (CAST's L = KL + beta * MSE)", TRAINING)
+    temperature: float = opt(1.0, "distillation temperature tau of the KL", TRAINING)
+    backoff: float = opt(0.0, "halve the lr whenever the KL's running mean climbs this fraction above its lowest "
+                              "value (a guard for LoRAs the default lr is too high for); 0 = off", TRAINING)
+    calib_batches: int = opt(4, "held-out batches for the closed-form fit, the start and the end check", TRAINING)
+    max_epochs: float = opt(4.0, "refuse a run whose training stream repeats the corpus more than this", TRAINING)
+    checkpoint_every: int = opt(100, "save a resumable checkpoint every N steps", TRAINING)
+    seed: int = opt(0, "seed of data order, sampling and random heads", TRAINING)
+    max_rank: Optional[int] = opt(None, "SVD-truncate every exported module above this rank (serving engines cap "
+                                        "it, e.g. vLLM --max-lora-rank 16); default: no cap", TRAINING)
+    # teacher
+    teacher: Literal["auto", "source", "blend", "delta"] = opt(
+        AUTO, "teacher: log p_S+LoRA + w (log p_T - log p_S), renormalised. source: w = 0; delta: w = 1; blend: "
+              "w = --delta-weight; auto: blend when the source base is the weaker model on --strength-corpus, "
+              "else source", TEACHER)
+    delta_weight: float = opt(0.5, "w of --teacher blend", TEACHER)
+    teacher_lora: bool = opt(True, "the teacher runs the source with its LoRA; --no-teacher-lora is the imitation "
+                                   "control (same training, the LoRA off)", TEACHER)
+    objective: str = opt("kl", "what the student minimises against the teacher (teachers.OBJECTIVES)", TEACHER)
+    strength_corpus: list[str] = opt([], "held-out text where --teacher auto compares the two base models "
+                                         "(default: documents of --corpus)", TEACHER)
+    # text generation
+    generate: Union[int, Auto] = opt(AUTO, "texts sampled from source+LoRA to train on; auto: every training text; "
+                                           "0: general text only", GENERATION)
+    top_k: int = opt(50, "top-k of the sampling (0 = the whole distribution)", GENERATION)
+    generate_batch_size: Union[int, Auto] = opt(AUTO, "texts sampled at once; auto: 16 on the CPU, 128 on an "
+                                                      "accelerator", GENERATION)
+    # scale and runtime
+    device: str = opt(AUTO, "torch device; auto: cuda when present, else cpu", RUNTIME)
+    device_map: str = opt("", "shard both models through accelerate: 'auto', or a JSON module->device map (one "
+                              "for both, or {\"source\": {...}, \"target\": {...}})", RUNTIME)
+    dtype: str = opt("float32", "model dtype (bfloat16 on a GPU)", RUNTIME)
+    amp: Literal["auto", "bf16", "fp16", "off"] = opt(AUTO, "autocast the forward passes; auto: bf16 on CUDA, off "
+                                                           "elsewhere", RUNTIME)
+    gradient_checkpointing: bool = opt(False, "recompute the target's blocks in the backward (less memory)", RUNTIME)
+    teacher_cache: str = opt("", "folder that stores the teacher's side of every step for later runs", RUNTIME)
+    teacher_top_k: int = opt(128, "with --teacher-cache: teacher pieces kept per position", RUNTIME)
+    progress: bool = opt(True, "progress bars", RUNTIME)
+    # safety
+    allow_drop: bool = opt(False, "drop (and list) adapter modules the target cannot host instead of failing", SAFETY)
+    allow_pickle: bool = opt(False, "allow pickle (.bin/.pt) weights: they can execute code", SAFETY)
+    trust_remote_code: bool = opt(False, "run model code from the model folder or hub", SAFETY)
+
+    def __post_init__(self):
+        from .teachers import OBJECTIVES
+
+        check_types(self)
+        need(self.transfer in TRANSFER_NAMES, f"--transfer must be one of {', '.join(TRANSFER_NAMES)}, not "
+                                              f"{self.transfer!r}")
+        need(self.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)}, not "
+                                           f"{self.objective!r}")
+        need(self.steps == AUTO or self.steps >= 0, f"--steps must be >= 0 or auto, not {self.steps}")
+        need(self.lr == AUTO or (_finite(self.lr) and self.lr > 0), f"--lr must be a number > 0 or auto, not {self.lr}")
+        need(self.batch_size >= 1 and self.seq_len >= 8, f"--batch-size must be >= 1 and --seq-len >= 8, not "
+                                                         f"{self.batch_size} and {self.seq_len}")
+        need(_finite(self.max_epochs) and self.max_epochs > 0, f"--max-epochs must be > 0, not {self.max_epochs}")
+        need(self.calib_batches >= 1, f"--calib-batches must be >= 1 (the held-out batches), not {self.calib_batches}")
+        need(self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, not {self.checkpoint_every}")
+        need(_finite(self.beta) and self.beta >= 0, f"--beta must be a finite number >= 0, not {self.beta}")
+        need(_finite(self.temperature) and self.temperature > 0,
+             f"--temperature must be a finite number > 0 (1 = the models' own distributions), not {self.temperature}")
+        need(_finite(self.delta_weight), f"--delta-weight must be a finite number (1 = the delta teacher, 0 = the "
+                                         f"source teacher), not {self.delta_weight}")
+        need(_finite(self.backoff) and self.backoff >= 0, f"--backoff must be a finite number >= 0 (0 = off), "
+                                                          f"not {self.backoff}")
+        need(self.generate == AUTO or self.generate >= 0, f"--generate must be >= 0 or auto, not {self.generate}")
+        need(self.generate_batch_size == AUTO or self.generate_batch_size >= 1,
+             f"--generate-batch-size must be >= 1 or auto, not {self.generate_batch_size}")
+        need(self.top_k >= 0 and self.teacher_top_k >= 1, f"--top-k must be >= 0 and --teacher-top-k >= 1, not "
+                                                          f"{self.top_k} and {self.teacher_top_k}")
+        need(self.max_rank is None or self.max_rank >= 1, f"--max-rank must be >= 1, not {self.max_rank}")
+        self.corpus = [str(c) for c in self.corpus]
+        self.prompts = [str(p) for p in self.prompts]
+        self.strength_corpus = [str(c) for c in self.strength_corpus]
+        if self.transfer == "labels":
+            need(bool(self.prompts) and self.steps != 0, "--transfer labels trains the target on the source's "
+                                                         "answers to the task's prompts: give them as --prompts "
+                                                         "FILE, and --steps >= 1 (or auto)")
+            need(not (self.device_map or self.resume), "--transfer labels loads each model whole on --device and "
+                                                       "keeps no checkpoint: drop --device-map and --resume (or "
+                                                       "use --transfer cast)")
+        elif self.transfer == "cast":
+            need(not self.prompts or (self.steps != 0 and self.generate != 0),
+                 f"--prompts are what the port samples its training text from, and this run samples nothing "
+                 f"(--steps {self.steps}, --generate {self.generate}): train (--steps > 0) with --generate auto "
+                 f"or > 0, or drop --prompts")
+        elif self.transfer == "weight-space":
+            need(not self.prompts, "--transfer weight-space reads no text: drop --prompts")
+
+    def check_required(self) -> None:
+        """The inputs a run needs (a config may be built without them, to be completed later)."""
+        for f in fields(self):
+            if f.metadata.get("required") and not getattr(self, f.name):
+                raise CastloraError(f"--{f.name.replace('_', '-')} is required")
+        need(self.transfer != "cast" or bool(self.corpus),
+             "--corpus is required: one or more general-text files (.txt, .txt.gz, .jsonl)")
+
+    def resolved(self, accelerator: bool = False) -> "TranslateConfig":
+        """A copy with every "auto" replaced by what it means for this run (castlora.json records it)."""
+        labels, cast = self.transfer == "labels", self.transfer == "cast"
+        steps = 0 if self.transfer == "weight-space" else (
+            self.steps if self.steps != AUTO else 800 if labels else 300)
+        init = self.init if self.init != AUTO else \
+            "closed-form" if steps == 0 else "zero-delta" if self.prompts else "scaled"
+        lr = self.lr if self.lr != AUTO else 5e-3 if labels else 3e-3 if self.prompts else 3e-2
+        n_texts = max(steps, 1) * self.batch_size
+        generate = 0 if not cast or steps == 0 else min(self.generate, n_texts) if self.generate != AUTO else n_texts
+        device = self.device if self.device != AUTO else "cuda" if accelerator else "cpu"
+        gen_batch = self.generate_batch_size if self.generate_batch_size != AUTO else \
+            16 if device == "cpu" else 128
+        amp = self.amp if self.amp != AUTO else "bf16" if device.startswith("cuda") else "off"
+        return replace(self, steps=steps, init=init, lr=lr, generate=generate, device=device,
+                       generate_batch_size=gen_batch, amp=amp)
+
+
+# The transfer methods' names (transfers.TRANSFERS registers their code under the same names)
+TRANSFER_NAMES = ("cast", "weight-space", "labels")
 
 
 def load_yaml(path: str | Path) -> dict:
+    """A YAML file of option: value (safe_load: no tags that build Python objects)."""
     path = Path(path)
     if not path.is_file():
         raise CastloraError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise CastloraError(f"config file {path} is not valid UTF-8 YAML ({' '.join(str(e).split())[:160]}): "
+                            "fix it or pass the options as flags") from None
     if not isinstance(data, dict):
         raise CastloraError(f"config file {path} must hold a mapping of option: value")
     return data
 
 
-_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "list": list}
-
-
-def build(cls, yaml_values: dict | None = None, overrides: dict | None = None):
-    """Defaults <- YAML <- overrides (None values in overrides mean 'not given')."""
+def build(cls, *layers: dict | None):
+    """The dataclass from its defaults, then each layer of values over the one before (None: not given)."""
     known = {f.name for f in fields(cls)}
     values = {}
-    for src in (yaml_values or {}, {k: v for k, v in (overrides or {}).items() if v is not None}):
-        unknown = set(src) - known
+    for layer in layers:
+        layer = {k: v for k, v in (layer or {}).items() if v is not None}
+        unknown = set(layer) - known
         if unknown:
             raise CastloraError(f"unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
-        values.update(src)
-    return check_values(cls(**values))
-
-
-def check_values(cfg):
-    """Refuse a field of the wrong type or outside its choices, by name; returns `cfg`. A YAML slip
-    (`tasks: greet`, `steps: ten`) would otherwise fail deep in a run, or run the wrong thing."""
-    for f in fields(cfg):
-        value, want = getattr(cfg, f.name), _TYPES.get(str(f.type))
-        if want and (not isinstance(value, want) or (want is not bool and isinstance(value, bool))):
-            raise CastloraError(f"option {f.name} must be {str(f.type).replace('list', 'a list')}, not {value!r}")
-        choices = f.metadata.get("choices")
-        if choices and value not in choices:
-            raise CastloraError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, not {value!r}")
-    return cfg
+        values.update(layer)
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise CastloraError(str(e)) from None
 
 
 def to_dict(cfg) -> dict:
@@ -221,3 +284,83 @@ def to_dict(cfg) -> dict:
 
 def has_default(f) -> bool:
     return f.default is not MISSING or f.default_factory is not MISSING
+
+
+def resolve_device(device: str) -> str:
+    """"auto": cuda when present, else cpu."""
+    if device != AUTO:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class TrainLoraConfig:
+    model: str = opt("", "base model: local folder or hub id", required=True)
+    data: list[str] = opt([], "training text (.txt/.txt.gz/.jsonl) or prompt/completion .jsonl (the loss on the "
+                              "completions only)", required=True)
+    out: str = opt("", "output folder (a PEFT LoRA adapter)", required=True)
+    steps: int = opt(200, "optimizer steps")
+    rank: int = opt(8, "LoRA rank r")
+    alpha: float = opt(16.0, "LoRA alpha (scale alpha / r)")
+    targets: list[str] = opt(["q", "v"], "roles (q k v o gate up down) or module names")
+    lr: float = opt(1e-3, "peak learning rate (AdamW, 10-step warmup)")
+    schedule: Literal["constant", "linear", "cosine"] = opt("constant", "the lr after the warmup")
+    batch_size: int = opt(8, "examples per step")
+    seq_len: int = opt(256, "tokens per example")
+    seed: int = opt(0, "seed of data order and LoRA init")
+    device: str = opt(AUTO, "torch device; auto: cuda when present, else cpu")
+    dtype: str = opt("float32", "model dtype")
+    overwrite: bool = opt(False, "replace --out if it exists")
+
+    def __post_init__(self):
+        check_types(self)
+        need(self.steps >= 1 and self.rank >= 1 and self.batch_size >= 1 and self.seq_len >= 8,
+             "--steps, --rank and --batch-size must be >= 1 and --seq-len >= 8")
+        need(_finite(self.lr) and self.lr > 0 and _finite(self.alpha) and self.alpha > 0,
+             f"--lr and --alpha must be finite numbers > 0, not {self.lr} and {self.alpha}")
+        need(bool(self.targets), "--targets is empty: name the roles or modules to adapt")
+
+
+@dataclass
+class EvalConfig:
+    model: str = opt("", "model: local folder or hub id", required=True)
+    data: str = opt("", "test text (.txt/.txt.gz/.jsonl: loss, perplexity, bits per byte) or prompt/completion "
+                        ".jsonl (exact match)", required=True)
+    adapter: str = opt("", "PEFT adapter to apply (local folder or hub id); default: the base model alone")
+    json: bool = opt(False, "print one JSON object instead of key=value")
+    seq_len: int = opt(256, "tokens per scored window")
+    batch_size: int = opt(8, "windows per forward pass")
+    max_tokens: Optional[int] = opt(None, "score at most this many tokens; default: all")
+    device: str = opt(AUTO, "torch device; auto: cuda when present, else cpu")
+    dtype: str = opt("float32", "model dtype")
+    allow_pickle: bool = opt(False, "allow pickle (.bin/.pt) weights: they can execute code")
+
+    def __post_init__(self):
+        check_types(self)
+        need(self.seq_len >= 2 and self.batch_size >= 1, "--seq-len must be >= 2 and --batch-size >= 1")
+        need(self.max_tokens is None or self.max_tokens >= 1, f"--max-tokens must be >= 1, not {self.max_tokens}")
+
+
+@dataclass
+class InspectConfig:
+    adapter: str = opt("", "PEFT LoRA adapter folder", required=True)
+    model: Optional[str] = opt(None, "base model to map modules to (layer, site); default: the adapter's own when "
+                                     "it is a local folder")
+    allow_pickle: bool = opt(False, "allow pickle (.bin/.pt) weights: they can execute code")
+
+    def __post_init__(self):
+        check_types(self)
+
+
+@dataclass
+class DemoConfig:
+    shared: Optional[str] = opt(None, "folder with zoo/ and data/; default: $CASTLORA_SHARED, else ../shared")
+    out: str = opt("runs/demo", "output folder (LoRAs, the port, demo.json)")
+    source: str = opt("llama", "zoo model the LoRA is trained on")
+    target: str = opt("mistral", "zoo model the LoRA is ported to")
+    quick: bool = opt(False, "a smoke run with few steps")
+
+    def __post_init__(self):
+        check_types(self)

@@ -11,19 +11,11 @@ Steps 1-2 are cached in --out, so a second run only re-ports.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
-from .errors import CastloraError
 from .safe_io import write_text_atomic
-
-
-def shared_dir(shared: str | None = None) -> Path:
-    root = Path(shared or os.environ.get("CASTLORA_SHARED") or Path.cwd().parent / "shared")
-    if not (root / "zoo").is_dir() or not (root / "data").is_dir():
-        raise CastloraError(f"{root} does not hold zoo/ and data/: pass --shared or set CASTLORA_SHARED")
-    return root
+from .shared import shared_dir
 
 
 def demo(shared: str | None = None, out: str = "runs/demo", source: str = "llama", target: str = "mistral",

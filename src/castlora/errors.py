@@ -19,3 +19,7 @@ class CorpusError(CastloraError):
 
 class TrainingDiverged(CastloraError):
     """A loss became NaN or Inf."""
+
+
+class CastloraWarning(UserWarning):
+    """Something suspicious in the user's input that does not stop the run (e.g. a huge LoRA delta)."""

@@ -4,28 +4,9 @@ everywhere, so the heads see far more of what they must carry than on general te
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from tqdm.auto import tqdm
 
-from .losses import lora_effect
-
-
-@contextmanager
-def lora_scaled(model, factor: float):
-    """Every LoRA layer of the peft `model` at `factor` times its scale while the block runs (the
-    scales are restored however it ends). 1 changes nothing."""
-    layers = [m for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)]
-    saved = [dict(m.scaling) for m in layers]
-    try:
-        if factor != 1:
-            for m in layers:
-                m.scaling = {k: v * factor for k, v in m.scaling.items()}
-        yield model
-    finally:
-        for m, old in zip(layers, saved):
-            m.scaling = old
 
 
 @torch.no_grad()
@@ -57,45 +38,6 @@ def sample_texts(model, tokenizer, prompts: list[str], n: int, max_new_tokens: i
     finally:
         tokenizer.padding_side = old_side
     return [t for t in texts if t.strip()]
-
-
-@torch.no_grad()
-def lora_effect_prompts(model, tokenizer, texts: list[str], n: int, window: int = 64, skip: int = 4,
-                        batch_size: int = 16, progress: bool = True) -> tuple[list[str], list[float]]:
-    """The `n` prompts of `texts` (windows of general text) where the LoRA moves the source the most.
-
-    A LoRA trained on one kind of prompt ("Greet NAME ->") barely acts on text that never looks like
-    it, and continuations of ordinary document starts rarely do. So each window is scored by its
-    largest per-position KL(source+LoRA || source) (past its first `skip` tokens, where there is
-    too little context to mean anything), and a prompt is its window cut right after that position:
-    sampling then continues exactly where the LoRA acts. No task data: the windows are general text.
-    Measured on the zoo LoRAs, the strongest positions are line ends and format breaks, not the
-    task's prompts, and ports trained on the samples scored lower (docs/results.md, session 11).
-    `model` is the source as a peft model with the LoRA. Returns (prompts, their effects), strongest first."""
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    scored: list[tuple[float, str]] = []
-    try:
-        bar = tqdm(total=len(texts), disable=not progress, desc="mine prompts", dynamic_ncols=True)
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start:start + batch_size], add_special_tokens=False, truncation=True,
-                            max_length=window, padding=True, return_tensors="pt").to(model.device)
-            lp_lora = torch.log_softmax(model(**enc).logits.float(), -1)
-            with model.disable_adapter():
-                lp_base = torch.log_softmax(model(**enc).logits.float(), -1)
-            effect = lora_effect(lp_lora, lp_base) * enc["attention_mask"]
-            effect[:, :skip] = 0
-            best, where = effect.max(-1)
-            for ids, e, p in zip(enc["input_ids"], best.tolist(), where.tolist()):
-                if e > 0:
-                    scored.append((e, tokenizer.decode(ids[:p + 1])))
-            bar.update(len(enc["input_ids"]))
-        bar.close()
-    finally:
-        tokenizer.padding_side = old_side
-    scored.sort(key=lambda s: -s[0])
-    top = [s for s in scored if s[1].strip()][:n]
-    return [p for _, p in top], [round(e, 5) for e, _ in top]
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Pure tensor functions for the CAST loss (CAST.md, "Loss")."""
+"""Pure tensor functions for the CAST loss (docs/method.md, "Loss")."""
 
 from __future__ import annotations
 
@@ -32,8 +32,7 @@ def shared_log_probs(logits: torch.Tensor, vocab_ids: torch.Tensor | None, tau: 
 
 
 def delta_teacher(logp_target_base: torch.Tensor | None, logp_source_lora: torch.Tensor,
-                  logp_source_base: torch.Tensor, weight: float | torch.Tensor = 1.0,
-                  lora_weight: float = 1.0) -> torch.Tensor:
+                  logp_source_base: torch.Tensor, weight: float | torch.Tensor = 1.0) -> torch.Tensor:
     """log p = log p_T + (log p_S+LoRA - log p_S), renormalised: T's own distribution, tilted by
     exactly what the LoRA changes on S. With a zero LoRA it is p_T itself.
 
@@ -41,14 +40,9 @@ def delta_teacher(logp_target_base: torch.Tensor | None, logp_source_lora: torch
     log p = log p_S+LoRA + w (log p_T - log p_S). w = 1 is the delta teacher above, w = 0 the
     source teacher; in between, the teacher keeps some of S+LoRA's absolute predictions.
 
-    `lora_weight` a scales the LoRA's effect: log p = (1 - w) log p_S + w log p_T + a (log p_S+LoRA
-    - log p_S). On shakespeare the teacher at a = 0.75 was closer to the target with its retrained
-    LoRA than at 1 (benchmarks/teacher_oracle.py), yet trained worse ports; 1 is the default
-    (docs/results.md, session 9). `logp_target_base` may be None when w = 0. `weight` may also be a tensor
-    of one w per position (shape (..., 1)), as benchmarks/gated_teacher.py sets it."""
+    `logp_target_base` may be None when w = 0. `weight` may also be a tensor of one w per position
+    (shape (..., 1))."""
     logp = logp_source_lora
-    if lora_weight != 1:
-        logp = logp_source_base + lora_weight * (logp_source_lora - logp_source_base)
     if isinstance(weight, torch.Tensor) or weight != 0:
         logp = logp + weight * (logp_target_base - logp_source_base)
     return F.log_softmax(logp, dim=-1)
@@ -60,12 +54,6 @@ def position_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Te
         return values.mean()
     weight = weight.to(values.device, values.dtype)
     return (values * weight).sum() / weight.sum().clamp_min(1e-12)
-
-
-def lora_effect(logp_lora: torch.Tensor, logp_base: torch.Tensor) -> torch.Tensor:
-    """Per position: KL(source+LoRA || source), how much the LoRA moves the source's prediction
-    there. Where it is ~0 the source teacher only teaches imitation of the source base."""
-    return (logp_lora.exp() * (logp_lora - logp_base)).sum(-1).clamp_min(0)
 
 
 def kl_divergence(logp_teacher: torch.Tensor, logp_student: torch.Tensor, tau: float = 1.0,

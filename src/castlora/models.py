@@ -41,6 +41,8 @@ def check_model_path(name: str, allow_pickle: bool = False, what: str = "model")
         raise CastloraError(f"{what} path {path} is a file, not a Hugging Face model folder")
     if not (path / "config.json").is_file():
         raise CastloraError(f"{what} folder {path} has no config.json: not a Hugging Face model folder")
+    config = _read_json_object(path / "config.json", what)
+    _check_tokenizer_fits(path, config, what)
     weights = sorted(path.glob("*.safetensors"))
     pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
     if not weights:
@@ -52,6 +54,41 @@ def check_model_path(name: str, allow_pickle: bool = False, what: str = "model")
             raise CastloraError(f"{what} folder {path} has no weights (*.safetensors)")
     for f in weights:
         check_safetensors_header(f, what)
+
+
+def _read_json_object(file: Path, what: str) -> dict:
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise CastloraError(f"{what} file {file} cannot be read as JSON ({e}): copy or download the model again") from e
+    if not isinstance(value, dict):
+        raise CastloraError(f"{what} file {file} holds a JSON {type(value).__name__}, not an object: it is damaged "
+                            "or not a Hugging Face config; copy or download the model again")
+    return value
+
+
+def _check_tokenizer_fits(path: Path, config: dict, what: str) -> None:
+    """A tokenizer.json whose token ids run past the model's vocab_size belongs to another model (family)."""
+    vocab_size = config.get("vocab_size")
+    tok_file = path / "tokenizer.json"
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or not tok_file.is_file():
+        return
+    try:
+        tok = json.loads(tok_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise CastloraError(f"{what} tokenizer {tok_file} cannot be read as JSON ({e}): copy or download the "
+                            "model again") from e
+    if not isinstance(tok, dict):
+        raise CastloraError(f"{what} tokenizer {tok_file} holds a JSON {type(tok).__name__}, not an object: copy or "
+                            "download the model again")
+    vocab = (tok.get("model") or {}).get("vocab") if isinstance(tok.get("model"), dict) else None
+    ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab))) if isinstance(vocab, list) else []
+    ids += [t.get("id") for t in tok.get("added_tokens") or [] if isinstance(t, dict)]
+    ids = [i for i in ids if isinstance(i, int)]
+    if ids and max(ids) >= vocab_size:
+        raise CastloraError(f"{what} folder {path}: its tokenizer has token ids up to {max(ids)} but the model "
+                            f"has vocab_size {vocab_size}: the tokenizer belongs to another model; put the "
+                            "model's own tokenizer files in the folder")
 
 
 def check_safetensors_header(path: Path, what: str = "model") -> None:

@@ -13,6 +13,7 @@ import errno
 import os
 import re
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,31 +71,66 @@ def is_disk_full(e: BaseException | None) -> bool:
     return False
 
 
+def _default_dir_mode() -> int:
+    """The mode `mkdir` gives a new folder: 0o777 less the process umask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a symlink (never what it points to) or a whole folder, read-only parts included."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink(missing_ok=True)
+        return
+
+    def retry(func, p, _exc):  # a read-only folder inside: make it writable (never above `path`), try again
+        try:
+            parent = os.path.dirname(p)
+            if parent == str(path) or parent.startswith(str(path) + os.sep):
+                os.chmod(parent, 0o700)
+            if not os.path.islink(p) and os.path.isdir(p):
+                os.chmod(p, 0o700)
+            func(p)
+        except OSError:
+            pass
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=retry)
+    else:
+        shutil.rmtree(path, onerror=retry)
+
+
 @contextmanager
 def atomic_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success rename it to `out`.
 
     On any exception the temporary folder is removed and `out` is left as it was; a full disk
-    becomes a CastloraError that says so.
+    becomes a CastloraError that says so. With `overwrite`, an `out` that is a symlink is replaced by
+    the new folder itself (the link is removed, what it pointed to is left alone). The new folder gets
+    the usual mode of a new folder (0o777 less the umask), and no `.NAME.old-*` is left behind.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise CastloraError(f"output folder {out} already exists: choose another --out or pass --overwrite")
-    existed = out.exists()
+    existed = out.is_symlink() or out.exists()
+    if existed and not overwrite:
+        what = f"a symlink to {os.readlink(out)}" if out.is_symlink() else "it exists"
+        raise CastloraError(f"output folder {out} already exists ({what}): choose another --out or pass --overwrite")
     tmp = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        os.chmod(tmp, _default_dir_mode())  # mkdtemp makes it 0700
         yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.is_symlink() or out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+            old.rmdir()  # a unique free name: os.replace cannot move a folder onto a non-empty one
             os.replace(out, old)
             try:
                 os.replace(tmp, out)
             except BaseException:
                 os.replace(old, out)  # put the previous output back
                 raise
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             os.replace(tmp, out)
     except BaseException as e:

@@ -1,4 +1,4 @@
-"""Which target site hosts each source kernel (CAST.md step 1).
+"""Which target site hosts each source kernel (docs/method.md, step 1).
 
 Layers: proportional depth by default, or a data-driven map (linear CKA between the two residual
 streams on aligned positions, then the best monotone alignment). Roles: the same role where the
@@ -33,13 +33,6 @@ class SitePair:
 def proportional_layer_map(n_source: int, n_target: int) -> list[int]:
     """Source layer i -> the target layer at the same relative depth (layer centres)."""
     return [min(n_target - 1, int((i + 0.5) * n_target / n_source)) for i in range(n_source)]
-
-
-def uncovered_layers(layer_map: list[int], n_target: int) -> list[tuple[int, int]]:
-    """(source layer, target layer) for every target layer that `layer_map` leaves empty, each taking
-    the source layer at the nearest relative depth (layer centres)."""
-    nearest, hosted = proportional_layer_map(n_target, len(layer_map)), set(layer_map)  # target j -> source
-    return [(nearest[j], j) for j in range(n_target) if j not in hosted]
 
 
 # The aligned positions CKA compares, at most (evenly spaced in each calibration batch). Enough for a
@@ -106,23 +99,16 @@ def monotone_layer_map(sim: list[list[float]]) -> list[int]:
 
 
 def map_sites(kernels: list[LoraKernel], target: ModelSites, layer_map: list[int],
-              allow_drop: bool = False, extra: list[tuple[int, int]] = ()) -> tuple[list[SitePair], list[dict]]:
-    """Pair every source kernel with a target site; returns (pairs, dropped). `extra` (source layer,
-    target layer) pairs host the kernels of that source layer a second time (uncovered_layers)."""
+              allow_drop: bool = False) -> tuple[list[SitePair], list[dict]]:
+    """Pair every source kernel with a target site; returns (pairs, dropped)."""
     pairs, dropped = [], []
-    placements = [(k, layer_map[k.layer], "") for k in kernels]
-    placements += [(k, j, f"copy for target layer {j}, which the layer map leaves empty")
-                   for i, j in extra for k in kernels if k.layer == i]
-    for k, j, copy_note in placements:
-        role, note = k.role, copy_note
+    for k in kernels:
+        j, role, note = layer_map[k.layer], k.role, ""
         if (j, role) not in target.sites:
             alt = ROLE_COUNTERPARTS.get(role)
             if alt and (j, alt) in target.sites:
-                role, note = alt, "; ".join(filter(None, [copy_note, f"target has no {k.role!r}; mapped to its "
-                                                                      f"counterpart {alt!r}"]))
+                role, note = alt, f"target has no {k.role!r}; mapped to its counterpart {alt!r}"
             elif allow_drop:
-                if copy_note:  # the kernel itself is reported (or ported) at its own layer
-                    continue
                 dropped.append({"source": k.key, "source_module": k.module_path,
                                 "reason": f"target family {target.family.name} has no {k.role!r} role"})
                 continue

@@ -8,14 +8,6 @@ wrong way and start *below* the target base (shakespeare neox->llama: loss 8.88 
 avoids that but throws away a perfect start on related models. Scaling the output heads by
 s in {0, 1/4, 1/2, 3/4, 1} and keeping the s with the lowest KL to the teacher covers both ends for
 a few forward passes: the teacher runs once per calibration batch, the target once per (batch, s).
-
-`--init scaled-ridge` also searches the output heads' ridge penalty. Cross-validating it on the
-activations picks the penalty that predicts the whole target output best, and with more
-calibration text that is almost none (1e-6 or 1e-5). The LoRA writes in a few directions that the
-source's outputs rarely take, and there an unshrunk map is noise: on shakespeare llama->mistral
-8 calibration batches took the closed form's KL to the teacher from 1.67 to 5.88 at s = 1, where a
-fixed 1e-2 gave 1.44 (docs/results.md). So the candidates are the cross-validated heads and
-fixed penalties {1e-3, 1e-2, 1e-1}, each at every scale, judged by the same KL.
 """
 
 from __future__ import annotations
@@ -28,7 +20,6 @@ from .cast_module import PortedKernel
 from .families import Site
 
 SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
-OUTPUT_RIDGES = (1e-3, 1e-2, 1e-1)  # fixed penalties tried beside the cross-validated ones
 
 
 @torch.no_grad()
@@ -71,4 +62,4 @@ def scale_output_heads(ports: list[tuple[PortedKernel, Site]], kl_at: Callable[[
             "start_kl": {k.split("@")[1]: v for k, v in found["start_kl"].items()}}
 
 
-__all__ = ["scale_output_heads", "search_start", "set_output_scale", "SCALES", "OUTPUT_RIDGES"]
+__all__ = ["scale_output_heads", "search_start", "set_output_scale", "SCALES"]

@@ -5,7 +5,7 @@ Where the source is the stronger model that copying helps (the imitation control
 0.24-0.43 of the gap from llama), and the source teacher wins. Where the source is the weaker model
 it hurts (that control is -0.14 from neox to llama), and the blend teacher, which swaps half of
 the source base for the target's own, recovers far more (shakespeare validation text, neox->llama
-0.606 against 0.391; docs/results.md, session 7).
+0.606 against 0.391 of the gap; docs/levers.md).
 
 Which model is stronger is measured on whole documents that both read: the total next-token loss
 of each base model over the same strings, in bits per UTF-8 byte, so that tokenizers of any size
@@ -20,8 +20,7 @@ weaker by a margin (MARGIN, 1%).
 Why a separate corpus: a model's loss on text it trained on measures memory as well as strength.
 The zoo's models trained on general/train for 8 epochs. On its documents mistral spends 0.5-0.8%
 *fewer* bits than llama; on held-out general/valid 1.7-1.8% more, as the zoo manifest ranks them, and
-on validation text the blend beat the source teacher from mistral to llama (docs/results.md,
-sessions 7 and 8). The bench and the demo pass general/valid.
+on validation text the blend beat the source teacher from mistral to llama. The bench and the demo pass general/valid.
 """
 
 from __future__ import annotations

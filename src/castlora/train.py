@@ -1,4 +1,4 @@
-"""The head-training loop (CAST.md step 5): L = alpha * KL + beta * MSE, heads only.
+"""The head-training loop (docs/method.md, step 5): L = KL + beta * MSE, heads only.
 
 Per step: the teacher reads the batch on the source side (no grad), the student (target with
 ported deltas) reads it on the target side, both are compared on aligned positions over the
@@ -21,38 +21,26 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .capture import capture
 from .checkpointing import checkpointed_blocks
-from .cast_module import CastLinear, PortedKernel, deltas_off, input_device
+from .cast_module import PortedKernel, input_device
 from .errors import CastloraError, TrainingDiverged
 from .families import Site
-from .losses import delta_teacher, kl_divergence, lora_effect, relative_mse, shared_log_probs, topk_kl
+from .losses import relative_mse, shared_log_probs
+from .pair import ModelPair
 from .safe_io import is_disk_full
 from .teacher_cache import TeacherCache, TeacherOutput
+from .teachers import OBJECTIVES, Teacher
 from .tokens import PairBatch, SharedVocab
 from .vocab_head import shared_logits
-
-TEACHERS = ("source", "blend", "delta", "source_base")
-# how much of the source base each teacher swaps for the target base (losses.delta_teacher's weight)
-TEACHER_DELTA_WEIGHT = {"source": 0.0, "source_base": 0.0, "delta": 1.0}
-POSITION_WEIGHTS = ("uniform", "lora-effect")
-
 
 @dataclass
 class LoopConfig:
     steps: int
     lr: float = 2e-3
-    alpha: float = 1.0
     beta: float = 0.1
     temperature: float = 1.0
-    teacher: str = "source"
-    delta_weight: float = 0.5  # teacher "blend": log p_S+LoRA + delta_weight * (log p_T - log p_S)
-    lora_weight: float = 1.0  # a: the teacher applies a x the LoRA's effect on the source (losses.delta_teacher)
-    other_bucket: bool = False  # KL over the shared vocabulary + one bucket for the rest (losses.shared_log_probs)
-    teacher_lora: bool = True  # False: the teacher's source side without the LoRA (the imitation control)
-    unaligned_weight: float = 0.0  # KL(target base || student) at the unaligned target positions (cast_loss)
+    objective: str = "kl"  # teachers.OBJECTIVES
     backoff: float = 0.0  # halve the lr when the KL's running mean climbs this fraction above its lowest (0 = off)
-    position_weight: str = "uniform"  # "lora-effect": weight each position's KL by KL(S+LoRA || S) there
     warmup: int = 20
     grad_clip: float = 1.0
     checkpoint_every: int = 100
@@ -81,7 +69,7 @@ def back_off(state: LoopState, kl: float, cfg: LoopConfig) -> tuple[float, float
     at step 14), when the running mean climbs `cfg.backoff` above its lowest
     value, the lr is halved for the rest of the run and the watch starts again. Why: the lr that
     suits one LoRA diverges on another (shakespeare's 3e-2 threw greet's KL from 3.6 to 6-35 within
-    35 steps, docs/results.md), and a mean that climbs over ten steps is no batch's noise. Pure: the
+    35 steps), and a mean that climbs over ten steps is no batch's noise. Pure: the
     loop stores the result with the step, so a resumed run watches exactly as an uninterrupted one."""
     mean = kl if state.kl_mean is None else BACKOFF_MEAN * state.kl_mean + (1 - BACKOFF_MEAN) * kl
     low = mean if state.kl_low is None else min(state.kl_low, mean)
@@ -123,114 +111,30 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=AMP[amp])
 
 
-def teacher_outputs(source, source_inner, target, wrappers, ports: list[tuple[PortedKernel, Site]],
-                    batch: PairBatch, cols: SharedVocab, teacher: str, tau: float, want_z: bool,
-                    position_weight: str = "uniform", delta_weight: float = 0.5,
-                    teacher_lora: bool = True, lora_weight: float = 1.0, other: bool = False) -> TeacherOutput:
-    """The source side of a step (no grad): the teacher's log-probs over the shared vocabulary at
-    the aligned positions, each kernel's view of its source-site inputs (for the MSE term), and
-    with `position_weight` "lora-effect" each position's weight: KL(S+LoRA || S) there over its
-    batch mean, so the KL dwells where the LoRA acts and not where the teacher only holds the
-    source base's habits (the imitation control's whole signal).
-
-    Every teacher is log p_S+LoRA + w (log p_T - log p_S), renormalised: w = 0 for "source", 1 for
-    "delta", `delta_weight` for "blend"; `lora_weight` a scales the LoRA's term (log p_S+LoRA -
-    log p_S). `teacher_lora` False puts the source base in the place of S+LoRA: the same teacher
-    with the LoRA switched off, the imitation control ("source_base" is "source" without the LoRA).
-    `other`: every distribution has one more column, its mass outside the shared vocabulary, which
-    the teacher formula treats like a token."""
-    source_paths = sorted({p.source_module for p, _ in ports}) if want_z else []
-
-    def logp_source(use_lora: bool):
-        with capture(source_inner, inputs=source_paths if use_lora else ()) as cap:
-            if use_lora:
-                out = source(input_ids=batch.ids_s, attention_mask=batch.mask_s)
-            else:
-                with source.disable_adapter():
-                    out = source(input_ids=batch.ids_s, attention_mask=batch.mask_s)
-        logits = batch.gather(out.logits, "s")
-        return shared_log_probs(logits, cols.ids_s, tau, other), cap.inputs
-
-    with torch.no_grad():
-        lp_lora, inputs = logp_source(True)
-        z = None
-        if want_z:
-            z = source_z(ports, inputs, batch)
-        use_lora = teacher_lora and teacher != "source_base"
-        w = TEACHER_DELTA_WEIGHT.get(teacher, delta_weight)
-        if use_lora and w == 0 and lora_weight == 1 and position_weight == "uniform":
-            return TeacherOutput(logp=lp_lora, z=z)
-        lp_base, _ = logp_source(False)
-        weight = None
-        if position_weight == "lora-effect":  # the LoRA's real effect, also in the imitation control
-            effect = lora_effect(lp_lora, lp_base)
-            weight = effect / effect.mean().clamp_min(1e-12)
-        lp_teach = lp_lora if use_lora else lp_base
-        if w == 0:
-            logp = lp_teach if lora_weight == 1 else delta_teacher(None, lp_teach, lp_base, 0.0, lora_weight)
-            return TeacherOutput(logp=logp, z=z, weight=weight)
-        with deltas_off(wrappers):
-            t_logits = target(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
-        lp_t = shared_log_probs(batch.gather(t_logits, "t"), cols.ids_t, tau, other)
-        return TeacherOutput(logp=delta_teacher(lp_t, lp_teach.to(lp_t.device), lp_base.to(lp_t.device), w,
-                                                lora_weight),
-                             z=z, weight=weight)
-
-
-def source_z(ports: list[tuple[PortedKernel, Site]], inputs: dict[str, torch.Tensor], batch: PairBatch
-             ) -> list[torch.Tensor]:
-    """Each kernel's view `in_basis^T x_S` of its source-site inputs at the aligned positions (the MSE
-    term's target), in the order of `ports`. Kernels that read one tensor (q, k and v read the same
-    hidden states, gate and up too) share one gather and one matmul against their bases side by side."""
-    groups: dict[tuple, list[int]] = {}
-    for i, (port, _) in enumerate(ports):
-        x = inputs[port.source_module]
-        same_tensor = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device)
-        groups.setdefault((same_tensor, port.in_basis.device), []).append(i)
-    z: list[torch.Tensor | None] = [None] * len(ports)
-    for (_, device), idx in groups.items():
-        x = batch.gather(inputs[ports[idx[0]][0].source_module], "s").to(device).float()
-        bases = [ports[i][0].in_basis for i in idx]
-        for i, part in zip(idx, (x @ torch.cat(bases, 1)).split([b.shape[1] for b in bases], -1)):
-            z[i] = part
-    return z
-
-
-def cast_loss(source, source_inner, target, wrappers, ports: list[tuple[PortedKernel, Site]], batch: PairBatch,
-              cols: SharedVocab, cfg: LoopConfig, cache: TeacherCache | None = None, step: int = 0,
-              teacher_out: TeacherOutput | None = None):
-    """One CAST step's loss: teacher (no grad; `teacher_out` when given, else from `cache` when it
-    holds this step) vs student on aligned positions, plus the MSE term and, with
-    cfg.unaligned_weight, the anchor at the unaligned positions. Returns (loss, kl, mse, anchor). `cols`: the shared
-    vocabulary's columns in each model's logits (None where vocab_head.shared_logits already
-    restricted them)."""
-    device = input_device(target)
+def cast_loss(pair: ModelPair, batch: PairBatch, cols: SharedVocab, cfg: LoopConfig, teacher: Teacher,
+              cache: TeacherCache | None = None, step: int = 0, teacher_out: TeacherOutput | None = None):
+    """One CAST step's loss: the objective between teacher (no grad; `teacher_out` when given, else from
+    `cache` when it holds this step) and student at the aligned positions, plus beta x the MSE term.
+    Returns (loss, kl, mse). `cols`: the shared vocabulary's columns in each model's logits (None where
+    vocab_head.shared_logits already restricted them)."""
+    device = input_device(pair.target)
     with autocast(device, cfg.amp):
         t_out = teacher_out
         if t_out is None and cache is not None:
             t_out = cache.load(step, batch)
         if t_out is None:
-            t_out = teacher_outputs(source, source_inner, target, wrappers, ports, batch, cols, cfg.teacher,
-                                    cfg.temperature, cfg.beta > 0, cfg.position_weight, cfg.delta_weight,
-                                    cfg.teacher_lora, cfg.lora_weight, cfg.other_bucket)
+            t_out = teacher.outputs(pair, batch, cols, cfg.temperature, cfg.beta > 0)
             if cache is not None:  # the same top-k whether the step was read or computed: same heads
                 t_out = t_out.top_k(cache.top_k)
                 cache.save(step, batch, t_out)
-        logits = target(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
-    lp_student = shared_log_probs(batch.gather(logits, "t"), cols.ids_t, cfg.temperature,
-                                  cfg.other_bucket)
+        logits = pair.target(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
+    lp_student = shared_log_probs(batch.gather(logits, "t"), cols.ids_t, cfg.temperature)
     t_out = t_out.to(lp_student.device)
-    if t_out.logp is not None:
-        kl = kl_divergence(t_out.logp, lp_student, cfg.temperature, t_out.weight)
-    else:
-        kl = topk_kl(t_out.values, t_out.index, lp_student, cfg.temperature, t_out.weight)
+    kl = OBJECTIVES[cfg.objective](t_out, lp_student, cfg.temperature)
     mse = torch.zeros((), device=logits.device)
     if cfg.beta > 0:
-        mse = kernel_mse(ports, t_out.z, batch).to(logits.device)
-    anchor = torch.zeros((), device=logits.device)
-    if cfg.unaligned_weight > 0:
-        anchor = unaligned_anchor(target, wrappers, batch, logits, cols, cfg)
-    return cfg.alpha * kl + cfg.beta * mse + cfg.unaligned_weight * anchor, kl, mse, anchor
+        mse = kernel_mse(pair.ports, t_out.z, batch).to(logits.device)
+    return kl + cfg.beta * mse, kl, mse
 
 
 def kernel_mse(ports: list[tuple[PortedKernel, Site]], z_source: list[torch.Tensor], batch: PairBatch) -> torch.Tensor:
@@ -251,57 +155,29 @@ def kernel_mse(ports: list[tuple[PortedKernel, Site]], z_source: list[torch.Tens
     return total / len(ports)
 
 
-def unaligned_anchor(target, wrappers, batch: PairBatch, logits: torch.Tensor, cols: SharedVocab,
-                     cfg: LoopConfig) -> torch.Tensor:
-    """KL(target base || student) summed over the target positions that align with none of the
-    source's, over the number of aligned positions: at weight 1 each such position counts as much as
-    an aligned one. There the teacher has nothing to say (the source is inside a word the target
-    splits), yet the ported deltas act there too; this holds the target to its own prediction where
-    it cannot be taught (docs/results.md: from neox the ports lost ground at those positions)."""
-    real, aligned = batch.target_positions()
-    where = (real & ~aligned).to(logits.device)
-    if not where.any():
-        return logits.sum() * 0.0
-    with torch.no_grad(), deltas_off(wrappers):
-        base = target(input_ids=batch.ids_t, attention_mask=batch.mask_t).logits
-    lp_base = shared_log_probs(base[where.to(base.device)], cols.ids_t, cfg.temperature, cfg.other_bucket)
-    lp_student = shared_log_probs(logits[where], cols.ids_t, cfg.temperature, cfg.other_bucket)
-    kl = (lp_base.exp() * (lp_base - lp_student.to(lp_base.device))).sum()
-    return kl.to(logits.device) / max(1, batch.num_aligned) * cfg.temperature ** 2
-
-
 @contextlib.contextmanager
-def held_out_kl(source, source_inner, target, wrappers, ports: list[tuple[PortedKernel, Site]],
-                batches: list[PairBatch], vocab: SharedVocab, cfg: LoopConfig):
+def held_out_kl(pair: ModelPair, batches: list[PairBatch], vocab: SharedVocab, cfg: LoopConfig, teacher: Teacher):
     """Yields a function that returns the mean KL to the teacher over `batches` with the heads as they
     are now. The teacher runs once per batch here; each call runs only the target."""
-    cfg = replace(cfg, beta=0.0, unaligned_weight=0.0, checkpointing=False)  # the KL alone; no backward, so no checkpointing
-    device = input_device(target)
-    with torch.no_grad(), step_setup(source_inner, target, vocab, [], cfg) as cols:
+    cfg = replace(cfg, beta=0.0, checkpointing=False)  # the KL alone; no backward, so no checkpointing
+    device = input_device(pair.target)
+    with torch.no_grad(), step_setup(pair, vocab, [], cfg) as cols:
         with autocast(device, cfg.amp):
-            teachers = [teacher_outputs(source, source_inner, target, wrappers, ports, b, cols, cfg.teacher,
-                                        cfg.temperature, False, cfg.position_weight, cfg.delta_weight,
-                                        cfg.teacher_lora, cfg.lora_weight, cfg.other_bucket)
-                        for b in batches]
+            teachers = [teacher.outputs(pair, b, cols, cfg.temperature, False) for b in batches]
 
         def kl_at() -> float:
-            kls = [cast_loss(source, source_inner, target, wrappers, ports, b, cols, cfg, teacher_out=t)[1].item()
-                   for b, t in zip(batches, teachers)]
+            kls = [cast_loss(pair, b, cols, cfg, teacher, teacher_out=t)[1].item() for b, t in zip(batches, teachers)]
             return sum(kls) / len(kls)
 
         yield kl_at
 
 
 @contextlib.contextmanager
-def step_setup(source_inner, target, vocab: SharedVocab, target_blocks: list[str], cfg: LoopConfig):
+def step_setup(pair: ModelPair, vocab: SharedVocab, target_blocks: list[str], cfg: LoopConfig):
     """What every step runs inside: logits over the shared vocabulary only (both models), and the
     target's blocks checkpointed when asked. Yields the columns to pass to `cast_loss`."""
-    if cfg.other_bucket:  # the bucket needs every column: no restricted output layer
-        with checkpointed_blocks(target, target_blocks, cfg.checkpointing):
-            yield vocab
-        return
-    with shared_logits(source_inner, vocab.ids_s) as cols_s, shared_logits(target, vocab.ids_t) as cols_t, \
-            checkpointed_blocks(target, target_blocks, cfg.checkpointing):
+    with shared_logits(pair.source_inner, vocab.ids_s) as cols_s, shared_logits(pair.target, vocab.ids_t) as cols_t, \
+            checkpointed_blocks(pair.target, target_blocks, cfg.checkpointing):
         yield SharedVocab(cols_s, cols_t)
 
 
@@ -365,6 +241,10 @@ def save_checkpoint(folder: Path, ports: list[tuple[PortedKernel, Site]], opt, s
 
 def load_checkpoint(folder: Path, ports: list[tuple[PortedKernel, Site]], opt) -> LoopState:
     heads = load_file(str(folder / "heads.safetensors"))
+    bad = [k for k, v in heads.items() if not torch.isfinite(v).all()]
+    if bad:  # resuming would train on (or export) NaN heads
+        raise CastloraError(f"the checkpoint in {folder} holds non-finite head weights ({', '.join(bad[:3])}): it "
+                            "cannot be resumed; rerun with --overwrite instead of --resume")
     for i, (p, _) in enumerate(ports):
         p.load_state_dict({k.split(".", 1)[1]: v for k, v in heads.items() if k.split(".", 1)[0] == str(i)})
     meta = json.loads((folder / "state.json").read_text())
@@ -383,15 +263,12 @@ def load_checkpoint(folder: Path, ports: list[tuple[PortedKernel, Site]], opt) -
                      meta.get("kl_mean"), meta.get("kl_low"))
 
 
-def fit_heads(source, source_inner, target, wrappers: list[CastLinear], ports: list[tuple[PortedKernel, Site]],
-              make_batch: Callable[[int], PairBatch], vocab: SharedVocab, cfg: LoopConfig,
-              workdir: Path | None = None, resume: bool = False, log: Callable[[dict], None] | None = None,
-              progress: bool = True, target_blocks: list[str] = (), cache: TeacherCache | None = None) -> LoopState:
-    """Train the heads of `ports` for cfg.steps steps. Only head parameters get gradients."""
-    if cfg.teacher not in TEACHERS:
-        raise ValueError(f"unknown teacher {cfg.teacher!r}; choose one of {TEACHERS}")
-    if cfg.position_weight not in POSITION_WEIGHTS:
-        raise ValueError(f"unknown position weight {cfg.position_weight!r}; choose one of {POSITION_WEIGHTS}")
+def fit_heads(pair: ModelPair, make_batch: Callable[[int], PairBatch], vocab: SharedVocab, cfg: LoopConfig,
+              teacher: Teacher, workdir: Path | None = None, resume: bool = False,
+              log: Callable[[dict], None] | None = None, progress: bool = True, cache: TeacherCache | None = None
+              ) -> LoopState:
+    """Train the heads of `pair.ports` for cfg.steps steps. Only head parameters get gradients."""
+    ports = pair.ports
     params = [p for port, _ in ports for p in port.parameters()]
     opt = head_optimizer(params, cfg.lr)
     ckpt = workdir / "checkpoint" if workdir else None
@@ -401,30 +278,31 @@ def fit_heads(source, source_inner, target, wrappers: list[CastLinear], ports: l
             if folder.exists():
                 state = load_checkpoint(folder, ports, opt)
                 break
+        if state.step > cfg.steps:
+            raise CastloraError(f"the checkpoint to resume is at step {state.step}, past --steps {cfg.steps}: "
+                                f"resume with --steps {state.step} or more, or rerun with --overwrite")
     for port, _ in ports:
         port.record = cfg.beta > 0
-    device = input_device(target)
+    device = input_device(pair.target)
     # fp16 autocast needs loss scaling (its small gradients underflow); bf16 does not
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, desc="castlora", dynamic_ncols=True)
     updating = False
     try:
-        with step_setup(source_inner, target, vocab, list(target_blocks), cfg) as cols:
+        with step_setup(pair, vocab, pair.t_sites.layer_paths, cfg) as cols:
             while state.step < cfg.steps:
                 t0 = time.perf_counter()
                 batch = make_batch(state.step)
                 n_tok = int(batch.mask_t.sum())  # counted where the batch was built, before it goes to the device
                 batch = batch.to(device)
-                loss, kl, mse, anchor = cast_loss(source, source_inner, target, wrappers, ports, batch, cols, cfg,
-                                                  cache, state.step)
+                loss, kl, mse = cast_loss(pair, batch, cols, cfg, teacher, cache, state.step)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 # The step's one read back to the host, after the backward is queued: a read before
                 # it would leave the GPU idle while the host queues the backward's kernels.
-                values = dict(zip(("loss", "kl", "mse", "anchor"),
-                                  torch.stack([v.detach().float().to(loss.device)
-                                               for v in (loss, kl, mse, anchor)]).tolist()))
-                for name in ("kl", "mse", "anchor"):
+                values = dict(zip(("loss", "kl", "mse"),
+                                  torch.stack([v.detach().float().to(loss.device) for v in (loss, kl, mse)]).tolist()))
+                for name in ("kl", "mse"):
                     if not math.isfinite(values[name]):
                         where = (f"The last good checkpoint is in {ckpt}: rerun with --resume to continue from it "
                                  "(perhaps with a lower --lr)" if ckpt and ckpt.exists() else
@@ -446,7 +324,6 @@ def fit_heads(source, source_inner, target, wrappers: list[CastLinear], ports: l
                 rec = {"step": state.step, "loss": round(values["loss"], 6), "kl": round(values["kl"], 6),
                        "mse": round(values["mse"], 6), "lr": lr_at(state.step - 1, cfg) * state.lr_scale,
                        **({"backed_off": True} if backed_off else {}),
-                       **({"anchor": round(values["anchor"], 6)} if cfg.unaligned_weight > 0 else {}),
                        "aligned": batch.num_aligned, "tok_s": round(n_tok / dt, 1)}
                 state.history.append(rec)
                 bar.update(1)

@@ -20,7 +20,7 @@ from .models import load_model, load_tokenizer
 from .safe_io import atomic_folder
 
 
-# how prompt/completion examples are tokenized (evaluate.completion_example): "joint" since session 27, the
+# how prompt/completion examples are tokenized (evaluate.completion_example): "joint" (the whole text at once), the
 # completion as part of the whole text; LoRAs recorded without this key had theirs tokenized apart
 COMPLETION_TOKENS = "joint"
 

@@ -1,4 +1,4 @@
-"""`castlora bench`: the retention table (CAST.md, "How a transfer is judged") on the zoo models.
+"""`castlora bench`: the retention table (docs/method.md, "How a transfer is judged") on the zoo models.
 
 For every (pair, task): the source LoRA and the retrained reference are trained once with the task
 data and cached; every transfer method sees only general text (and text it generates itself from
@@ -11,88 +11,50 @@ import json
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from ..config import check_values, opt
+from typing import Literal, Optional, Union
+
+from ..config import AUTO, Auto, check_types, opt, resolve_device
 from ..corpus import read_documents
-from ..demo import shared_dir
+from ..shared import shared_dir
 from ..errors import CastloraError
 from ..evaluate import completion_loss, exact_match, load_examples, retention, text_loss
 from ..safe_io import write_text_atomic
-from ..train_lora import COMPLETION_TOKENS, SCHEDULES
+from ..train_lora import COMPLETION_TOKENS
 from .tasks import ALL_TASKS, fresh_prompts, get_task, train_prompts
 
-# method -> translate() options (generate -1: BenchConfig.generate texts from source+LoRA, capped at --mix
-# of the stream, BenchConfig.mix unless the row names its own; -1 there too: --mix's share; 0: general text
-# only). Every CAST row has its imitation control trained on the same corpus.
-# Rows that do not name an init use translate's default (auto: the scaled closed-form start; before
-# session 4 it was the closed form itself, so older results.json files record init "closed-form").
+# method -> translate() options. Every data-free CAST row has its imitation control (the same teacher and
+# training with the LoRA off) on the same text; rows that read the task's prompts are not data-free and are
+# marked so in the report. "lora" for steps or lr: as this task's source and retrained LoRAs were trained.
+# An experiment adds rows of its own through BenchConfig.rows (experiments/*/settings.yaml).
 METHODS: dict[str, dict] = {
+    # baselines and sanity rows: the closed form alone (CAST-0), random heads, the weight-space baseline
     "cast0": {"steps": 0, "init": "closed-form"},
     "random_heads": {"steps": 0, "init": "random"},
-    "weight_space": {"transfer": "weight-space", "generate": 0},
+    "weight_space": {"transfer": "weight-space"},
+    # the source teacher on general text only, and its imitation control
     "cast_source": {"teacher": "source", "generate": 0},
-    "cast_delta": {"teacher": "delta", "generate": 0},
-    "imitation": {"teacher": "source_base", "generate": 0},
-    "cast_source_gen": {"teacher": "source", "generate": -1},
-    "cast_delta_gen": {"teacher": "delta", "generate": -1},
-    "imitation_gen": {"teacher": "source_base", "generate": -1},
-    # the blend teacher (w = 0.5, chosen on validation text: docs/results.md, session 7) and its control, on
-    # the stream of sessions 7-13 (a third generated)
-    "cast_blend_gen": {"teacher": "blend", "delta_weight": 0.5, "generate": -1, "mix": 1 / 3},
-    "imitation_blend_gen": {"teacher": "blend", "delta_weight": 0.5, "teacher_lora": False, "generate": -1,
-                            "mix": 1 / 3},
-    # the blend on a stream two thirds generated (BenchConfig.generate caps the count), and its control
-    "cast_blend_gen23": {"teacher": "blend", "delta_weight": 0.5, "generate": -1, "mix": 2 / 3},
-    "imitation_blend_gen23": {"teacher": "blend", "delta_weight": 0.5, "teacher_lora": False, "generate": -1,
-                              "mix": 2 / 3},
-    # what a user gets by default: --teacher auto, which measures the two base models on held-out general
-    # text (general/valid, see below) and takes the blend from a weaker source; its control beside it
-    "cast_auto_gen": {"teacher": "auto", "generate": -1},
-    "imitation_auto_gen": {"teacher": "auto", "teacher_lora": False, "generate": -1},
-    # the default with every target layer hosting the LoRA (--cover-layers; a deeper target gets copies of
-    # the nearest source layer's kernels), and its control
-    "cast_auto_gen_cover": {"teacher": "auto", "generate": -1, "cover_layers": True},
-    "imitation_auto_gen_cover": {"teacher": "auto", "teacher_lora": False, "generate": -1, "cover_layers": True},
-    # the default at the context the scores are read at (256 source tokens, as `castlora translate` trains by
-    # default; the bench's 128 is for the LoRAs' CPU time), batch 4 so the tokens per step stay; its control
-    "cast_auto_gen_s256": {"teacher": "auto", "generate": -1, "seq_len": 256, "batch_size": 4},
-    "imitation_auto_gen_s256": {"teacher": "auto", "teacher_lora": False, "generate": -1, "seq_len": 256,
-                                "batch_size": 4},
-    # --teacher auto on a stream of generated text only (--mix 1; BenchConfig.generate caps the count), and its
-    # control on the same stream: the best lever of session 13 on validation text, the default since session 14
-    "cast_auto_gen_all": {"teacher": "auto", "generate": -1, "mix": 1.0},
-    "imitation_auto_gen_all": {"teacher": "auto", "teacher_lora": False, "generate": -1, "mix": 1.0},
-    # The exact-match recipe chosen on validation examples (benchmarks/levers.py, docs/results.md):
-    # start at the target base (zero output heads) and train faster; its imitation control beside it.
-    "cast_delta_gen_zd": {"teacher": "delta", "generate": -1, "init": "zero-delta", "lr": 1e-2},
-    "imitation_gen_zd": {"teacher": "source_base", "generate": -1, "init": "zero-delta", "lr": 1e-2},
-    # the same start and lr with --teacher auto (the source teacher from a stronger source, the blend from a
-    # weaker one). With every text generated it beat the delta teacher on greet (all four test pairs, +0.05 to
-    # +0.10 of the completion-loss gap) and lost on echo (-0.05), so both rows stay (docs/results.md, session
-    # 16); its control beside it
-    "cast_auto_gen_zd": {"teacher": "auto", "generate": -1, "init": "zero-delta", "lr": 1e-2},
-    "imitation_auto_gen_zd": {"teacher": "auto", "teacher_lora": False, "generate": -1, "init": "zero-delta",
-                              "lr": 1e-2},
-    # NOT data-free: the exact-match recipe with every text sampled from the task's training prompts (their
-    # answers never read; `castlora translate --prompts`), for the user who has unlabelled prompts. Exact-match
-    # tasks only (an LM task has no prompts). lr 3e-3: on validation names (greet llama->mistral /
-    # mistral->llama) it answered 0.633 / 0.617 exactly, 1e-2 0.167 / 0.533 (1e-3 0.083, 3e-2 0.000 on the
-    # first; docs/results.md, session 28). Its control samples from the same prompts.
-    "cast_prompts_zd": {"teacher": "auto", "generate": -1, "init": "zero-delta", "lr": 3e-3, "prompts": "task"},
-    "imitation_prompts_zd": {"teacher": "auto", "teacher_lora": False, "generate": -1, "init": "zero-delta",
-                             "lr": 3e-3, "prompts": "task"},
-    # NOT data-free, beside the prompts rows: the source with its LoRA answers the same training prompts and a LoRA
-    # is trained on the target on those answers (`--transfer labels`), with the retrained LoRA's own recipe ("lora":
-    # its steps and lr), so the one difference from the retrained row is whose answers it learns (session 29)
+    "imitation": {"teacher": "source", "teacher_lora": False, "generate": 0},
+    # the default port (--teacher auto, every training text sampled from source+LoRA), and its control
+    "cast_auto_gen_all": {},
+    "imitation_auto_gen_all": {"teacher_lora": False},
+    # the exact-match recipe: start at the target base (zero output heads), lr 1e-2; its control
+    "cast_auto_gen_zd": {"init": "zero-delta", "lr": 1e-2},
+    "imitation_auto_gen_zd": {"teacher_lora": False, "init": "zero-delta", "lr": 1e-2},
+    # NOT data-free: every training text sampled from the task's training prompts (answers never read), at the
+    # lr and start --prompts resolves to; its control samples from the same prompts
+    "cast_prompts_zd": {"init": "zero-delta", "lr": 3e-3, "prompts": "task"},
+    "imitation_prompts_zd": {"teacher_lora": False, "init": "zero-delta", "lr": 3e-3, "prompts": "task"},
+    # NOT data-free: a LoRA trained on the source's answers to the same prompts (--transfer labels), with the
+    # retrained LoRA's own recipe, so the one difference from the retrained row is whose answers it learns
     "source_labels": {"transfer": "labels", "prompts": "task", "steps": "lora", "lr": "lora"},
 }
 PAIRS = ("llama->llama", "llama->mistral", "llama->neox", "mistral->llama", "neox->llama")
-# facts is not in the default list: no zoo LoRA learnt it until session 27, and now they score only 0.22-0.24
-# (docs/results.md); `--tasks facts` runs it.
+# facts is not in the default list: the zoo LoRAs learn it poorly (0.22-0.24 exact match); `--tasks facts` runs it.
 TASKS = ("shakespeare", "kjv", "greet", "echo")
 
 
@@ -106,54 +68,47 @@ QUICK = dict(pairs=["llama->llama", "llama->mistral"], tasks=["shakespeare"],
 class BenchConfig:
     out: str = opt("runs/bench", "output folder: results.json, results.md, gap_recovered.png, and the cached "
                                  "tasks, LoRAs and ports")
-    shared: str | None = opt(None, "folder with zoo/ and data/; None: $CASTLORA_SHARED, else ../shared")
-    pairs: list = opt(list(PAIRS), "source->target pairs of zoo models")
-    tasks: list = opt(list(TASKS), f"tasks, of {', '.join(ALL_TASKS)}")
-    methods: list = opt(list(METHODS), f"transfer methods, of {', '.join(METHODS)}")
+    shared: Optional[str] = opt(None, "folder with zoo/ and data/; None: $CASTLORA_SHARED, else ../shared")
+    pairs: list[str] = opt(list(PAIRS), "source->target pairs of zoo models")
+    tasks: list[str] = opt(list(TASKS), f"tasks, of {', '.join(ALL_TASKS)}")
+    methods: list[str] = opt(list(METHODS), f"transfer methods, of {', '.join(METHODS)} (and --rows)")
+    rows: dict = opt({}, "more method rows, name -> translate options (an experiment's variants)")
     lora_steps: int = opt(150, "training steps of the LM tasks' LoRAs (source and retrained)")
     lora_rank: int = opt(8, "rank of every LoRA the bench trains")
-    lora_targets: list = opt(["q", "v"], "modules of the LM tasks' LoRAs (roles q k v o gate up down)")
-    # Exact-match tasks need a stronger LoRA on the zoo models: with the LM recipe (150 steps, lr 2e-3,
-    # q,v) mistral's greet LoRA scored 0.0 on held-out validation names. With 400 steps, lr 5e-3 and
-    # q,k,v,o it scored 0.50 (neox 0.30, llama 0.58). The validation names come from another seed,
-    # so the test split played no part in the choice.
-    # Session 26: at a constant lr that LoRA was a matter of the training run: mistral's greet LoRA scored
-    # 0.40 / 0.00 / 0.00 exact match on validation names with seeds 0 / 1 / 2 (0.68, 0.39 and 0.24 in three
-    # earlier runs of seed 0). With the lr decayed linearly to zero it scores 0.70 / 0.70 / 0.72, and at 800
-    # steps 0.82 / 0.82 / 0.78 (llama 0.90-0.92, neox 0.48-0.52; echo: llama 0.72-0.80, neox 0.67-0.75)
-    # (benchmarks/lora_recipe.py; docs/results.md, session 26). The LM LoRAs keep the constant lr: their
-    # losses reproduce to the third decimal across runs and machines.
+    lora_targets: list[str] = opt(["q", "v"], "modules of the LM tasks' LoRAs (roles q k v o gate up down)")
+    # Exact-match tasks need a stronger LoRA on the zoo models than the LM recipe (150 steps, lr 2e-3, q,v), which
+    # left mistral's greet LoRA at 0.0 exact match on validation names; at a constant lr even the stronger one was a
+    # matter of the seed (0.00-0.40), with the lr decayed linearly it scores 0.82 / 0.82 / 0.78 on three seeds
+    # (docs/levers.md). The LM LoRAs keep the constant lr: their losses reproduce across runs and machines.
     exact_lora_steps: int = opt(800, "training steps of the exact-match tasks' LoRAs")
     exact_lora_lr: float = opt(5e-3, "peak lr of the exact-match tasks' LoRAs")
-    exact_lora_targets: list = opt(["q", "k", "v", "o"], "modules of the exact-match tasks' LoRAs")
-    lora_schedule: str = opt("constant", "lr of the LM tasks' LoRAs after the warmup", SCHEDULES)
-    exact_lora_schedule: str = opt("linear", "lr of the exact-match tasks' LoRAs after the warmup: a constant lr "
-                                             "left mistral's greet LoRA at 0.00-0.40 exact match depending on the "
-                                             "seed (docs/results.md, session 26)", SCHEDULES)
+    exact_lora_targets: list[str] = opt(["q", "k", "v", "o"], "modules of the exact-match tasks' LoRAs")
+    lora_schedule: Literal["constant", "linear", "cosine"] = opt("constant", "lr of the LM tasks' LoRAs after the warmup")
+    exact_lora_schedule: Literal["constant", "linear", "cosine"] = opt(
+        "linear", "lr of the exact-match tasks' LoRAs after the warmup")
     cast_steps: int = opt(150, "CAST steps (the LM tasks)")
-    # On greet 400 steps instead of 100 gained +0.093 and +0.027 of the completion-loss gap on validation
-    # names, 1,000 nothing more (docs/results.md, session 21).
+    # exact-match tasks: 400 steps instead of 100 gained on validation names, 1,000 nothing more (docs/levers.md)
     exact_cast_steps: int = opt(400, "CAST steps on the exact-match tasks (0: --cast-steps)")
     batch_size: int = opt(8, "CAST's texts per step")
     seq_len: int = opt(128, "CAST's and the LoRAs' source tokens per text")
     lr: float = opt(2e-3, "peak lr of the LM tasks' LoRAs")
-    generate: int = opt(-1, "texts generated per CAST row that generates; -1 = the --mix share of the stream")
-    mix: float = opt(1.0, "translate's --mix for the rows that do not name their own (1/3 before session 14)")
+    generate: Union[int, Auto] = opt(AUTO, "texts generated per CAST row that generates (auto: every training text)")
     eval_tokens: int = opt(30000, "test tokens scored per LM row")
     eval_examples: int = opt(100, "test prompts scored per exact-match row")
-    device: str = opt("cpu", "torch device")
+    device: str = opt(AUTO, "torch device; auto: cuda when present, else cpu")
     dtype: str = opt("float32", "model dtype (float32 on CPU; bfloat16 on GPU)")
     seed: int = opt(0, "the tasks' splits, the LoRAs and (unless --cast-seed says otherwise) the CAST runs")
     cast_seed: int = opt(-1, "the CAST runs only (-1: --seed): a second CAST seed on the same tasks and LoRAs "
                              "shows how far one seed moves a cell")
-    prompts: str = opt("train", "the prompts the not-data-free rows read: train (the training split's, which the "
+    prompts: Literal["train", "fresh"] = opt("train", "the prompts the not-data-free rows read: train (the training split's, which the "
                                 "source LoRA was trained on and answers almost perfectly) or fresh (400 of the task's "
                                 "form in neither split, as a user's new requests; greet and echo only)",
-                       ("train", "fresh"))
+                       )
+    quick: bool = opt(False, "a small smoke run (< 15 CPU minutes): QUICK's sizes, under --config and flags")
 
     @classmethod
-    def quick(cls, **kw) -> "BenchConfig":
-        return cls(**{**QUICK, **kw})
+    def quick_config(cls, **kw) -> "BenchConfig":
+        return cls(**{**QUICK, "quick": True, **kw})
 
     def lora_recipe(self, kind: str) -> dict:
         """train_lora's arguments for a task of `kind` ("lm" or "exact"): the source LoRAs and the retrained ones."""
@@ -180,18 +135,18 @@ def _commit() -> str:
 def _recipe_differs(folder: Path, recipe: dict, exact: bool = False) -> list[str]:
     """How a LoRA cached in `folder` (its train_lora.json) differs from `recipe`; [] if it matches or is absent.
     The seed is not compared: runs with a second seed reuse the first seed's LoRAs on purpose. An exact-match
-    task's LoRA must also have had its completions tokenized as this code does (session 27 changed it)."""
+    task's LoRA must also have had its completions tokenized as this code does (with its prompt, as one text)."""
     record = folder / "train_lora.json"
     if not (folder / "adapter_model.safetensors").exists() or not record.exists():
         return []
-    # neither a schedule nor the completions' tokenization was recorded before sessions 26 and 27
+    # older LoRAs recorded neither a schedule nor the completions' tokenization
     had = {"schedule": "constant", "completion_tokens": "apart", **json.loads(record.read_text())}
     now = {**recipe, "completion_tokens": COMPLETION_TOKENS}
     keys = ("steps", "lr", "rank", "schedule") + (("completion_tokens",) if exact else ())
     return [f"{k} {had.get(k)} (this run: {now[k]})" for k in keys if had.get(k) != now[k]]
 
 
-def check_config(cfg: BenchConfig, root: Path) -> None:
+def check_config(cfg: BenchConfig, root: Path | None = None) -> None:
     """Refuse, before any work, every name or number in `cfg` that would otherwise fail the run later: a
     misspelt method used to surface as a KeyError after the first LoRA had trained."""
     def known(what: str, given: list, choices) -> None:
@@ -199,18 +154,19 @@ def check_config(cfg: BenchConfig, root: Path) -> None:
         if bad:
             raise CastloraError(f"unknown {what} {', '.join(map(repr, bad))}; choose from {', '.join(choices)}")
 
-    check_values(cfg)  # types and choices, as the command line's config gets them
+    check_types(cfg)  # types and choices, as the command line's config gets them
     for name in ("pairs", "tasks"):
         if not getattr(cfg, name):
             raise CastloraError(f"--{name} is empty: nothing to run")
-    known("method", cfg.methods, list(METHODS))
+    known("method", cfg.methods, [*METHODS, *cfg.rows])
     known("task", cfg.tasks, ALL_TASKS)
-    zoo = sorted(p.name for p in (root / "zoo").iterdir() if (p / "config.json").is_file())
+    zoo = sorted(p.name for p in (root / "zoo").iterdir() if (p / "config.json").is_file()) if root else None
     for pair in cfg.pairs:
         ends = pair.split("->")
         if len(ends) != 2 or not all(ends):
             raise CastloraError(f"pair {pair!r} is not SOURCE->TARGET, e.g. llama->mistral")
-        known(f"zoo model in {pair!r}:", ends, zoo)
+        if zoo is not None:
+            known(f"zoo model in {pair!r}:", ends, zoo)
     if cfg.exact_cast_steps < 0 or cfg.cast_steps < 0:
         raise CastloraError(f"--cast-steps and --exact-cast-steps must be >= 0 (0 on --exact-cast-steps: "
                             f"--cast-steps on the exact-match tasks too), not {cfg.cast_steps} and {cfg.exact_cast_steps}")
@@ -227,8 +183,10 @@ def bench(cfg: BenchConfig, log=print) -> dict:
     from ..train_lora import train_lora
     from ..translate import translate
 
+    check_config(cfg)  # the arguments first: a wrong one is named even where the shared folder is missing
     root = shared_dir(cfg.shared)
     check_config(cfg, root)
+    cfg = replace(cfg, device=resolve_device(cfg.device))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     general = str(root / "data" / "general" / "train.txt.gz")
@@ -310,7 +268,7 @@ def bench(cfg: BenchConfig, log=print) -> dict:
                          "score": float(torch.tensor(-src_value).exp()) if lm else src_value,
                          "note": "source model with its LoRA" + (" (loss in the source tokenizer's units)" if lm else "")})
             for method in cfg.methods:
-                opts = dict(METHODS[method])
+                opts = dict({**METHODS, **cfg.rows}[method])
                 if opts.get("prompts") == "task":
                     given = None if lm else train_prompts(tasks[task], out / "tasks") if cfg.prompts == "train" \
                         else fresh_prompts(tasks[task], out / "tasks", root, cfg.seed)
@@ -321,9 +279,8 @@ def bench(cfg: BenchConfig, log=print) -> dict:
                 for key in ("steps", "lr"):
                     if opts.get(key) == "lora":  # as the source and retrained LoRAs of this task are trained
                         opts[key] = cfg.lora_recipe(tasks[task].kind)[key]
-                if opts.get("generate") == -1:
+                if "generate" not in opts and opts.get("transfer", "cast") == "cast":
                     opts["generate"] = cfg.generate
-                    opts.setdefault("mix", cfg.mix)
                 port = out / "ports" / f"{pair.replace('->', '_to_')}_{task}_{method}"
                 t0 = time.perf_counter()
                 res = translate(source=zoo(src), adapter=src_lora, target=zoo(tgt), corpus=[general], out=str(port),

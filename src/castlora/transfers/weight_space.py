@@ -16,8 +16,12 @@ import contextlib
 
 import torch
 
+from ..errors import CastloraError
 from ..export import stack_factors
 from ..families import ModelSites, Site
+from ..pair import load_pair
+from ..site_map import map_sites, proportional_layer_map
+from . import Port, PortInputs, adapter_writer, register_transfer
 
 
 def _weight(model, site: Site) -> torch.Tensor:
@@ -46,3 +50,23 @@ def weight_space_factors(pairs, source_sites: ModelSites, source, target) -> dic
         U, S, Vh = torch.linalg.svd(d_t, full_matrices=False)
         items.append(((S[:k.rank, None] * Vh[:k.rank]).float(), U[:, :k.rank].float(), tsite))
     return stack_factors(items)
+
+
+@register_transfer("weight-space")
+def port_weight_space(inp: PortInputs) -> Port:
+    """The data-free baseline: no text, no heads; the deltas carried across by the weights' singular bases."""
+    cfg = inp.cfg
+    inp.log(f"loading {cfg.source} and {cfg.target}")
+    pair, src_base, lora = load_pair(cfg, inp.adapter)
+    layer_map = proportional_layer_map(pair.s_sites.num_layers, pair.t_sites.num_layers)
+    site_pairs, dropped = map_sites(lora.kernels, pair.t_sites, layer_map, cfg.allow_drop)
+    if not site_pairs:
+        raise CastloraError("no adapter site could be ported to the target")
+    factors = weight_space_factors(site_pairs, pair.s_sites, src_base, pair.target)
+    record = {"source_family": pair.s_sites.family.name, "target_family": pair.t_sites.family.name,
+              "layer_map": layer_map, "layer_map_kind": "proportional", "dropped": dropped,
+              "site_map": [p.describe() for p in site_pairs], "init": {"transfer": "weight-space"},
+              "loss_curve": [], "train_seconds": 0, "export_fit_error": {}}
+    fields_, write = adapter_writer(inp, pair.target, factors, pair.t_sites.family.transposed, record)
+    record.update(fields_)
+    return Port(record, write, ["adapter_model.safetensors", "castlora.json"])

@@ -1,1 +1,0 @@
-"""Data-free baselines a CAST transfer is compared with."""
