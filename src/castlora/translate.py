@@ -23,6 +23,7 @@ from .families import UnsupportedArchitectureError, family_for
 from .hub import resolve_adapter
 from .input_checks import check_output_path
 from .models import check_model_path, local_model_type
+from .pair import parse_device_map
 from .safe_io import atomic_folder, write_text_atomic
 from .teacher_cache import file_digest
 from .transfers import TRANSFERS, AdapterFiles, PortInputs
@@ -48,6 +49,8 @@ def check_inputs(cfg: TranslateConfig, log=logger.info) -> AdapterFiles:
                 family_for(model_type)
             except UnsupportedArchitectureError as e:
                 raise UnsupportedArchitectureError(f"{what} model {getattr(cfg, what)}: {e}") from None
+    for which in ("source", "target"):
+        parse_device_map(cfg.device_map, which)
     folder = resolve_adapter(cfg.adapter, cfg.adapter_revision)
     config, tensors = read_adapter_folder(folder, cfg.allow_pickle, warn=log)
     for c in [*cfg.corpus, *cfg.strength_corpus]:

@@ -30,7 +30,7 @@ from ..teachers import make_teacher
 from ..texts import training_texts
 from ..tokens import PairBatch, SharedVocab, encode_pair, shared_vocab
 from ..train import LoopConfig, fit_heads, held_out_kl
-from . import Port, PortInputs, adapter_writer, register_transfer
+from .base import Port, PortInputs, adapter_writer, register_transfer
 
 # below this share of source positions on common boundaries the KL has too little to compare
 MIN_ALIGNED_FRACTION = 0.2

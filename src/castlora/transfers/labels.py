@@ -23,7 +23,7 @@ from ..families import model_sites
 from ..generate import greedy_answers
 from ..models import load_model, load_tokenizer
 from ..train_lora import train_lora
-from . import Port, PortInputs, register_transfer
+from .base import Port, PortInputs, register_transfer
 
 
 @register_transfer("labels")

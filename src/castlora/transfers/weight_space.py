@@ -21,7 +21,7 @@ from ..export import stack_factors
 from ..families import ModelSites, Site
 from ..pair import load_pair
 from ..site_map import map_sites, proportional_layer_map
-from . import Port, PortInputs, adapter_writer, register_transfer
+from .base import Port, PortInputs, adapter_writer, register_transfer
 
 
 def _weight(model, site: Site) -> torch.Tensor:
