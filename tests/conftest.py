@@ -87,3 +87,37 @@ def zoo():
     def _zoo(name: str) -> Path:
         return shared_path("zoo", name)
     return _zoo
+
+
+def model_folder(folder: Path, model_type: str, vocab: int, tokenizer_from: Path, seed: int) -> Path:
+    """A tiny random model of `model_type` saved as a model folder, with a real tokenizer copied beside it."""
+    import shutil
+
+    model = make_tiny(model_type, seed, vocab_size=vocab, max_position_embeddings=128)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_from / name, folder / name)
+    return folder
+
+
+def make_lora(model, targets, seed=0, std=0.3, **kw):
+    """A rank-4 LoRA on `targets` with random A and B (a real delta from the start)."""
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return pm.eval()
+
+
+def ports_for(kernels, t_sites, layer_map):
+    """A PortedKernel on its target site for each kernel (none may be dropped)."""
+    from castlora.cast_module import PortedKernel
+    from castlora.site_map import map_sites
+
+    pairs, dropped = map_sites(kernels, t_sites, layer_map)
+    assert not dropped
+    return [(PortedKernel(p.kernel, p.target), p.target) for p in pairs]

@@ -203,7 +203,7 @@ def test_exact_match_tasks_get_their_own_cast_steps_unless_zero():
 
 def test_lora_recipes_per_task_kind_are_valid_train_lora_arguments():
     """The source and retrained LoRAs: the exact-match recipe decays its lr (a constant lr made the exact-match
-    LoRA a matter of the training run, session 26), the LM recipe keeps the constant lr its table was measured
+    LoRA a matter of the training run's seed), the LM recipe keeps the constant lr its table was measured
     with; both name only train_lora's own arguments."""
     import inspect
 
@@ -220,8 +220,9 @@ def test_lora_recipes_per_task_kind_are_valid_train_lora_arguments():
 
 
 def test_bench_refuses_cached_loras_of_another_recipe_before_any_work(tmp_path):
-    """A LoRA left in OUT/loras by an older recipe (before session 26: 400 steps, no schedule recorded; before
-    session 27 its completions were tokenized apart from their prompts) would be scored as this run's: the bench names it and what differs, and stops before training or loading anything."""
+    """A LoRA left in OUT/loras by an older recipe (400 steps and no schedule recorded, or completions tokenized
+    apart from their prompts) would be scored as this run's: the bench names it and what differs, and stops
+    before training or loading anything."""
     from castlora.errors import CastloraError
 
     cfg = BenchConfig(out=str(tmp_path), shared=str(shared_path()), pairs=["llama->mistral"], tasks=["greet"],

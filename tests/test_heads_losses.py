@@ -172,28 +172,6 @@ def test_delta_weight_per_position_is_each_row_at_its_own_weight():
         torch.testing.assert_close(rows[i], delta_teacher(lp_t[i], lp_sl[i], lp_s[i], wi))
 
 
-def test_other_bucket_keeps_each_models_mass_outside_the_shared_vocabulary():
-    logits = torch.randn(5, 12, generator=torch.Generator().manual_seed(3))
-    ids = torch.tensor([7, 0, 3, 9])  # shared columns, in the shared vocabulary's order
-    lp = shared_log_probs(logits, ids, other=True)
-    full = torch.log_softmax(logits, -1)
-    assert lp.shape == (5, 5)
-    # the model's own probabilities, not renormalised, and the bucket holds everything else
-    torch.testing.assert_close(lp[:, :4], full[:, ids], rtol=1e-5, atol=1e-6)
-    rest = [c for c in range(12) if c not in ids.tolist()]
-    torch.testing.assert_close(lp[:, 4], torch.logsumexp(full[:, rest], -1), rtol=1e-5, atol=1e-6)
-    # at temperature tau it is the distribution at tau, bucketed the same way
-    torch.testing.assert_close(shared_log_probs(logits, ids, 2.0, other=True)[:, :4],
-                               torch.log_softmax(logits / 2, -1)[:, ids], rtol=1e-5, atol=1e-6)
-    # every token shared on this side (the other side may have a bucket): an empty bucket, the plain
-    # distribution beside it, and a finite KL against a model that does put mass there
-    every = shared_log_probs(logits, torch.arange(12), other=True)
-    assert every.shape == (5, 13) and (every[:, 12] < -1000).all()
-    torch.testing.assert_close(every[:, :12], full, rtol=1e-5, atol=1e-6)
-    other = shared_log_probs(torch.randn(5, 14), torch.arange(12), other=True)
-    assert torch.isfinite(kl_divergence(every, other)) and torch.isfinite(kl_divergence(other, every))
-
-
 def test_kl_divergence_zero_for_identical_and_positive_otherwise():
     p, q = _logp((7, 13), 0), _logp((7, 13), 1)
     assert abs(kl_divergence(p, p).item()) < 1e-7

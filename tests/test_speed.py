@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_lora as _make_lora
 from conftest import make_tiny, read_docs, shared_path
+from conftest import model_folder as _model_folder
+from conftest import ports_for as _ports
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
@@ -32,31 +35,6 @@ from castlora.vocab_head import SharedVocabHead, shared_logits
 
 IDS = torch.tensor([5, 3, 90, 17, 64, 2, 127])
 QUIET = dict(progress=False, log=lambda *a, **k: None)
-
-
-def _make_lora(model, targets, seed=0, std=0.3):
-    """A LoRA with random A and B (a real delta from the start)."""
-    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return pm.eval()
-
-
-def _ports(kernels, t_sites, layer_map):
-    pairs, dropped = map_sites(kernels, t_sites, layer_map)
-    assert not dropped
-    return [(PortedKernel(p.kernel, p.target), p.target) for p in pairs]
-
-
-def _model_folder(folder: Path, model_type: str, vocab: int, tokenizer_from: Path, seed: int) -> Path:
-    model = make_tiny(model_type, seed, vocab_size=vocab, max_position_embeddings=128)
-    model.save_pretrained(str(folder), safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_from / name, folder / name)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_lora as _make_lora
 from conftest import make_tiny, read_docs, shared_path
+from conftest import model_folder as _model_folder
+from conftest import ports_for as _ports
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
@@ -43,22 +46,6 @@ texts_mod = importlib.import_module("castlora.texts")
 QUIET = dict(progress=False, log=lambda *a, **k: None)
 
 
-
-def _randomize_b(peft_model, seed=0, std=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
-def _make_lora(model, targets, seed=0, std=0.3, **kw):
-    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
-                                          init_lora_weights=False, **kw))
-    _randomize_b(pm, seed, std)
-    return pm.eval()
-
-
 def _ids(vocab, batch=2, seq=12, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, seq), generator=g)
@@ -67,12 +54,6 @@ def _ids(vocab, batch=2, seq=12, seed=0):
 def _logits(model, ids):
     with torch.no_grad():
         return model(input_ids=ids).logits
-
-
-def _ports(kernels, t_sites, layer_map):
-    pairs, dropped = map_sites(kernels, t_sites, layer_map)
-    assert not dropped
-    return [(PortedKernel(p.kernel, p.target), p.target) for p in pairs]
 
 
 def _assert_keys_match_file(peft_model, folder):
@@ -224,14 +205,6 @@ def test_mlp_heads_export_fits_every_real_position_of_every_batch(tmp_path):
 
 
 # --------------------------------------------------- model folders for translate()
-
-
-def _model_folder(folder: Path, model_type: str, vocab: int, tokenizer_from: Path, seed: int) -> Path:
-    model = make_tiny(model_type, seed, vocab_size=vocab, max_position_embeddings=128)
-    model.save_pretrained(str(folder), safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_from / name, folder / name)
-    return folder
 
 
 @pytest.fixture(scope="module")

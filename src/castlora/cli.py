@@ -11,14 +11,14 @@ import re
 import sys
 import warnings
 from dataclasses import fields
-from typing import get_args, get_origin
+from typing import get_origin
 
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, DefaultHelpFormatter
 
 from ._version import __version__
 from .bench import QUICK, BenchConfig
 from .config import (MISSING, DemoConfig, EvalConfig, InspectConfig, TrainLoraConfig, TranslateConfig, build,
-                     field_types, replace_type, resolve_device)
+                     field_types, resolve_device)
 from .errors import CastloraError
 from .safe_io import is_disk_full
 
@@ -121,17 +121,10 @@ USAGE = {"translate": "--source S --adapter A --target T --corpus FILE --out DIR
          "inspect": "ADAPTER [options]"}
 
 
-def dict_default(cls, name: str):
-    """(the field's default value, None)."""
-    f = {f.name: f for f in fields(cls)}[name]
-    return (f.default_factory() if f.default_factory is not MISSING else f.default), None
-
-
 def _add_fields(parser: ArgumentParser, cls, positional: tuple) -> None:
     groups, types = {}, field_types(cls)
     for f in fields(cls):
-        f = replace_type(f, types[f.name])
-        f.default, f.default_factory = dict_default(cls, f.name)
+        kind = types[f.name]
         group_name = f.metadata.get("group") or ""
         if group_name and group_name not in groups:
             groups[group_name] = parser.add_argument_group(group_name)
@@ -141,18 +134,18 @@ def _add_fields(parser: ArgumentParser, cls, positional: tuple) -> None:
             target.add_argument(f.name, type=str, help=help_)
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = f.default
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
         required = bool(f.metadata.get("required"))
         # required options are checked by the dataclass (a --config file may give them), so the parser takes none
         kw = dict(help=help_ + (" (required)" if required else ""), required=False)
-        if f.type is bool:
+        if kind is bool:
             target.add_argument(flag, action=ActionYesNo(no_prefix="no-"), default=default, **kw)
-        elif get_origin(f.type) is list:
+        elif get_origin(kind) is list:
             target.add_argument(flag, type=str, nargs="+", default=default, **kw)
-        elif get_origin(f.type) is dict:
+        elif get_origin(kind) is dict or kind is dict:
             target.add_argument(flag, type=dict, default=default, **kw)
         else:
-            target.add_argument(flag, type=f.type, default=None if required else default, **kw)
+            target.add_argument(flag, type=kind, default=None if required else default, **kw)
 
 
 def config_files(argv: list[str]) -> list[str]:
@@ -277,4 +270,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["main", "build_parser", "COMMANDS", "get_args"]
+__all__ = ["main", "build_parser", "COMMANDS"]

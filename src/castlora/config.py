@@ -65,26 +65,17 @@ def field_types(cls) -> dict:
 def check_types(cfg) -> None:
     """Refuse a field of the wrong type or outside its choices, by name: a YAML slip (`tasks: greet`,
     `steps: ten`) would otherwise fail deep in a run, or run the wrong thing."""
-    types = field_types(cfg)
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        f = replace_type(f, types[f.name])
-        if not _type_ok(value, f.type):
-            flag = "--" + f.name.replace("_", "-")
-            choices = choices_of(f.type)
-            want = f"one of {', '.join(map(str, choices))}" if choices and get_origin(f.type) is Literal else \
-                {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(f.type) or \
-                ("a list" if get_origin(f.type) is list else f"of type {f.type}")
-            if get_origin(f.type) is Union and choices:
-                want = " or ".join(["a number" if float in get_args(f.type) else "an integer", *map(repr, choices)])
+    for name, kind in field_types(cfg).items():
+        value = getattr(cfg, name)
+        if not _type_ok(value, kind):
+            flag = "--" + name.replace("_", "-")
+            choices = choices_of(kind)
+            want = f"one of {', '.join(map(str, choices))}" if choices and get_origin(kind) is Literal else \
+                {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(kind) or \
+                ("a list" if get_origin(kind) is list else f"of type {kind}")
+            if get_origin(kind) is Union and choices:
+                want = " or ".join(["a number" if float in get_args(kind) else "an integer", *map(repr, choices)])
             raise CastloraError(f"{flag} must be {want}, not {value!r}")
-
-
-def replace_type(f, t):
-    """A stand-in of dataclass field `f` whose .type is the resolved type `t`."""
-    class _F:
-        name, type, metadata = f.name, t, f.metadata
-    return _F
 
 
 def _finite(x) -> bool:

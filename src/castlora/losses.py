@@ -6,26 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def shared_log_probs(logits: torch.Tensor, vocab_ids: torch.Tensor | None, tau: float = 1.0,
-                     other: bool = False) -> torch.Tensor:
+def shared_log_probs(logits: torch.Tensor, vocab_ids: torch.Tensor | None, tau: float = 1.0) -> torch.Tensor:
     """Log-distribution over the shared vocabulary only, renormalised, at temperature tau.
-    `vocab_ids` None: the logits already are the shared columns (vocab_head.shared_logits).
-
-    `other` (needs `vocab_ids` and the full logits): one more column, the model's mass on every
-    token outside the shared vocabulary, so the distribution is the model's own (not renormalised)
-    with the unshared tokens lumped into one bucket (empty, probability ~0, when the shared
-    vocabulary is every token of this model: the other side may still have a bucket)."""
-    if other:
-        z = logits.float() / tau
-        ids = vocab_ids.to(logits.device)
-        rest = torch.ones(z.shape[-1], dtype=torch.bool, device=z.device)
-        rest[ids] = False
-        if rest.any():
-            bucket = torch.logsumexp(z[..., rest], dim=-1, keepdim=True)
-        else:  # nothing outside the shared vocabulary: an empty bucket, so both sides keep one more
-            # column; finite, so that 0 * (log p - log q) stays 0 in the KL (with -inf it is nan)
-            bucket = z.new_full((*z.shape[:-1], 1), -1e4)
-        return F.log_softmax(torch.cat([z.index_select(-1, ids), bucket], dim=-1), dim=-1)
+    `vocab_ids` None: the logits already are the shared columns (vocab_head.shared_logits)."""
     if vocab_ids is not None:
         logits = logits.index_select(-1, vocab_ids.to(logits.device))
     return F.log_softmax(logits.float() / tau, dim=-1)

@@ -31,10 +31,6 @@ class ModelPair:
         """The source's transformers model under peft (where capture hooks and shared_logits attach)."""
         return self.source.base_model.model
 
-    @property
-    def source_base(self):
-        return self.source_inner
-
 
 def parse_device_map(spec: str, which: str):
     """'' -> None; 'auto' -> 'auto'; JSON -> a dict (one map for both models, or {"source": {...},

@@ -56,9 +56,6 @@ class Teacher(ABC):
     def outputs(self, pair, batch: PairBatch, cols: SharedVocab, tau: float, want_z: bool) -> TeacherOutput:
         ...
 
-    def describe(self) -> dict:
-        return {"teacher": self.name, "teacher_lora": self.teacher_lora}
-
 
 class MixedTeacher(Teacher):
     """log p_S+LoRA + w (log p_T - log p_S): the registered CAST teachers differ only in w."""
@@ -67,9 +64,6 @@ class MixedTeacher(Teacher):
         super().__init__(teacher_lora)
         self.weight, self.name = float(weight), name
         self.needs_target = self.weight != 0
-
-    def describe(self) -> dict:
-        return {**super().describe(), "delta_weight": self.weight}
 
     def outputs(self, pair, batch: PairBatch, cols: SharedVocab, tau: float, want_z: bool) -> TeacherOutput:
         source_paths = sorted({p.source_module for p, _ in pair.ports}) if want_z else []

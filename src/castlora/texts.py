@@ -76,8 +76,8 @@ def training_texts(cfg, docs: list[str], source, tok_s, adapter_digest: str, tas
         + (f", and {n_held} more held out" if n_held else ""))
     stream = [gen[i % len(gen)] for i in range(n_gen)] + general[:general_needed]
     random.Random(cfg.seed).shuffle(stream)
-    calib = general[general_needed:general_needed + n_calib]
-    texts = calib + stream
+    # the held-out calibration text first; a corpus too short to fill it lends it the stream's first texts
+    texts = general[general_needed:general_needed + n_calib] + stream
     calib = texts[:min(len(texts), n_calib)]
     return TrainingText(calib, texts[len(calib):] or texts, held, info)
 

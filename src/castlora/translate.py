@@ -6,6 +6,7 @@ its adapter and castlora.json atomically (a failed run leaves --out as it was).
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import shutil
@@ -18,6 +19,7 @@ import torch
 from ._version import __version__
 from .adapters import PICKLE_NAMES, SAFETENSORS_NAME, read_adapter_folder
 from .config import TranslateConfig, build, to_dict
+from .errors import CastloraError
 from .corpus import check_corpus_path, check_regular_file, read_prompts
 from .families import UnsupportedArchitectureError, family_for
 from .hub import resolve_adapter
@@ -64,10 +66,8 @@ def check_inputs(cfg: TranslateConfig, log=logger.info) -> AdapterFiles:
                             **{f"--prompts {p}": p for p in cfg.prompts},
                             **({"--teacher-cache": cfg.teacher_cache} if cfg.teacher_cache else {})})
     if (out.exists() or out.is_symlink()) and not (cfg.overwrite or cfg.resume):
-        from .errors import CastloraError
         raise CastloraError(f"output folder {out} already exists: choose another --out or pass --overwrite")
     if cfg.resume and out.exists() and not workdir_of(out).exists():
-        from .errors import CastloraError
         raise CastloraError(f"{out} is complete and there is no interrupted run to resume; "
                             "pass --overwrite instead of --resume to redo it")
     return AdapterFiles(folder, config, tensors, _weights_digest(folder))
@@ -122,7 +122,7 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
         export = port.write(tmp) or {}
         record.update(export)
         record["wall_seconds"] = round(time.perf_counter() - t_start, 2)
-        write_text_atomic(tmp / "castlora.json", _json(record))
+        write_text_atomic(tmp / "castlora.json", json.dumps(record, indent=2))
     shutil.rmtree(workdir, ignore_errors=True)
     log(f"wrote {out} ({', '.join(port.files)}) in {record['wall_seconds']} s")
     return TranslateResult(out, record)
@@ -135,9 +135,3 @@ def versions() -> dict:
 
     return {"castlora": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__}
-
-
-def _json(record: dict) -> str:
-    import json
-
-    return json.dumps(record, indent=2)
