@@ -262,3 +262,16 @@ def test_train_lora_unknown_schedule(setup, tmp_path, capsys):
     assert main(["train-lora", "--model", "m", "--data", "d", "--out", "o", "--schedule", "step"]) == 2
     err = capsys.readouterr().err
     assert "schedule" in err and "step" in err and err.count("\n") == 1
+
+
+def test_inspect_names_the_model_type_and_never_fetches_a_base_the_adapter_names(setup, tmp_path, capsys):
+    # an adapter whose config names a hub id as its base: inspect asks the hub only for a model the user names
+    untrusted = tmp_path / "untrusted"
+    shutil.copytree(setup["adapter"], untrusted)
+    cfg = json.loads((untrusted / "adapter_config.json").read_text())
+    (untrusted / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "evil/model"}))
+    assert main(["inspect", str(untrusted)]) == 2
+    assert "evil/model is not a local folder; pass --model evil/model" in capsys.readouterr().err
+    assert main(["inspect", str(untrusted), "--model", str(setup["model"])]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "family llama" in first  # the model's own type (a mistral says "mistral (llama layout)")

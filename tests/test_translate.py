@@ -869,3 +869,32 @@ def test_search_start_picks_the_best_candidate_and_scale(folders):
         assert torch.equal(port.p_in.linear_part(), a)
         torch.testing.assert_close(port.p_out.linear_part(), 1.5 * b)
 
+
+
+def test_push_to_hub_uploads_the_finished_folder_once_and_refuses_offline_before_any_work(folders, tmp_path,
+                                                                                         monkeypatch):
+    class StandInHub:  # what HfApi offers the push: create_repo and upload_folder, recorded
+        def __init__(self):
+            self.calls, self.uploaded = [], {}
+
+        def create_repo(self, repo_id, repo_type="model", exist_ok=False):
+            self.calls.append(("create_repo", repo_id, repo_type, exist_ok))
+
+        def upload_folder(self, folder_path, repo_id, repo_type="model", commit_message=""):
+            self.calls.append(("upload_folder", repo_id))
+            self.uploaded = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
+            return f"https://hub.example/{repo_id}/commit/1"
+
+    hub = StandInHub()
+    res = _run(folders, tmp_path / "out", push_to_hub="me/ported-lora", hub_api=hub)
+    assert hub.calls == [("create_repo", "me/ported-lora", "model", True), ("upload_folder", "me/ported-lora")]
+    assert hub.uploaded.keys() == {p.name for p in res.out.iterdir()}  # the whole folder, as written
+    assert hub.uploaded["adapter_model.safetensors"] == (res.out / "adapter_model.safetensors").read_bytes()
+    # offline and no stand-in: refused before any model loads, nothing written
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(pair_mod, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(CastloraError, match="--push-to-hub me/x: HF_HUB_OFFLINE is set"):
+        _run(folders, tmp_path / "offline", push_to_hub="me/x")
+    assert not (tmp_path / "offline").exists()
+    with pytest.raises(CastloraError, match="--push-to-hub must be a hub repo id"):
+        _run(folders, tmp_path / "bad", push_to_hub="not a repo")

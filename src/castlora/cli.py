@@ -61,7 +61,9 @@ def cmd_inspect(cfg: InspectConfig) -> int:
 def cmd_demo(cfg: DemoConfig) -> int:
     from .demo import demo
 
-    demo(shared=cfg.shared, out=cfg.out, source=cfg.source, target=cfg.target, quick=cfg.quick, log=log.info)
+    summary = demo(shared=cfg.shared, out=cfg.out, source=cfg.source, target=cfg.target, quick=cfg.quick,
+                   log=log.info)
+    print(summary["retention_line"])
     return 0
 
 

@@ -101,6 +101,8 @@ class TranslateConfig:
                                  "are never read). Task data: the port is no longer data-free", INPUTS)
     adapter_revision: Optional[str] = opt(None, "revision (branch, tag or commit) of a hub --adapter", INPUTS)
     overwrite: bool = opt(False, "replace --out if it exists (never an input)", INPUTS)
+    push_to_hub: Optional[str] = opt(None, "after writing --out, upload it to this hub repo (created if missing; "
+                                           "your hub token)", INPUTS)
     resume: bool = opt(False, "continue an interrupted run with the same --out and the same settings", INPUTS)
     # training
     transfer: str = opt("cast", "how to port: cast (learned heads, data-free), weight-space (the data-free SVD "
@@ -190,6 +192,8 @@ class TranslateConfig:
         need(self.top_k >= 0 and self.teacher_top_k >= 1, f"--top-k must be >= 0 and --teacher-top-k >= 1, not "
                                                           f"{self.top_k} and {self.teacher_top_k}")
         need(self.max_rank is None or self.max_rank >= 1, f"--max-rank must be >= 1, not {self.max_rank}")
+        need(self.push_to_hub is None or self.push_to_hub.count("/") == 1,
+             f"--push-to-hub must be a hub repo id, OWNER/NAME, not {self.push_to_hub!r}")
         self.corpus = [str(c) for c in self.corpus]
         self.prompts = [str(p) for p in self.prompts]
         self.strength_corpus = [str(c) for c in self.strength_corpus]
@@ -318,12 +322,15 @@ class TrainLoraConfig:
 class EvalConfig:
     model: str = opt("", "model: local folder or hub id", required=True)
     data: str = opt("", "test text (.txt/.txt.gz/.jsonl: loss, perplexity, bits per byte) or prompt/completion "
-                        ".jsonl (exact match)", required=True)
+                        ".jsonl (exact match); needed unless --lm-eval is given")
     adapter: str = opt("", "PEFT adapter to apply (local folder or hub id); default: the base model alone")
     json: bool = opt(False, "print one JSON object instead of key=value")
     seq_len: int = opt(256, "tokens per scored window")
     batch_size: int = opt(8, "windows per forward pass")
     max_tokens: Optional[int] = opt(None, "score at most this many tokens; default: all")
+    lm_eval: list[str] = opt([], "lm-eval-harness tasks to run too (task names, or task YAML files or folders by "
+                                 "path); needs pip install \"castlora[lm-eval]\"")
+    limit: Optional[int] = opt(None, "with --lm-eval: at most this many documents per task")
     device: str = opt(AUTO, "torch device; auto: cuda when present, else cpu")
     dtype: str = opt("float32", "model dtype")
     allow_pickle: bool = opt(False, "allow pickle (.bin/.pt) weights: they can execute code")
@@ -332,6 +339,7 @@ class EvalConfig:
         check_types(self)
         need(self.seq_len >= 2 and self.batch_size >= 1, "--seq-len must be >= 2 and --batch-size >= 1")
         need(self.max_tokens is None or self.max_tokens >= 1, f"--max-tokens must be >= 1, not {self.max_tokens}")
+        need(self.limit is None or self.limit >= 1, f"--limit must be >= 1, not {self.limit}")
 
 
 @dataclass

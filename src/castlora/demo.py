@@ -19,7 +19,8 @@ from .shared import shared_dir
 
 
 def demo(shared: str | None = None, out: str = "runs/demo", source: str = "llama", target: str = "mistral",
-         quick: bool = False, task: str = "shakespeare", log=print) -> dict:
+         quick: bool = False, task: str = "shakespeare", log=print, progress: bool = True) -> dict:
+    """Returns demo.json's summary; its "retention_line" is what `castlora demo` prints on stdout."""
     from peft import PeftModel
 
     from .evaluate import retention, text_loss
@@ -40,9 +41,12 @@ def demo(shared: str | None = None, out: str = "runs/demo", source: str = "llama
 
     def lora(model_dir: str, name: str) -> str:
         path = out_dir / f"lora_{name}_{task}"
-        if not (path / "adapter_model.safetensors").exists():
+        if (path / "adapter_model.safetensors").exists():
+            log(f"reusing the {name} LoRA trained by an earlier run in {path} (delete it to train it again)")
+        else:
+            log(f"training a {task} LoRA on {name} ({lora_steps} steps)")
             train_lora(model_dir, train_data, str(path), steps=lora_steps, rank=8, alpha=16, targets=["q", "v"],
-                       lr=2e-3, batch_size=8, seq_len=128, overwrite=True, progress=False, log=log)
+                       lr=2e-3, batch_size=8, seq_len=128, overwrite=True, progress=progress, log=log)
         return str(path)
 
     src_lora = lora(src, source)
@@ -50,21 +54,27 @@ def demo(shared: str | None = None, out: str = "runs/demo", source: str = "llama
     port_dir = out_dir / f"port_{source}_to_{target}"
     result = translate(source=src, adapter=src_lora, target=tgt, corpus=[general], out=str(port_dir),
                        strength_corpus=[held_out], steps=cast_steps, batch_size=8, seq_len=128, overwrite=True,
-                       progress=False, log=log)
+                       progress=progress, log=log)
 
     tok = load_tokenizer(tgt)
     scores = {}
     for name, adapter in (("base", None), ("retrained", ref_lora), ("ported", str(port_dir))):
+        log(f"scoring the {name} model on {eval_tokens} tokens of {task}/test")
         model = load_model(tgt)
         if adapter:
             model = PeftModel.from_pretrained(model, adapter).eval()
-        scores[name] = text_loss(model, tok, test_docs, seq_len=256, max_tokens=eval_tokens)["mean_loss"]
+        scores[name] = text_loss(model, tok, test_docs, seq_len=256, max_tokens=eval_tokens,
+                                 progress=progress)["mean_loss"]
     r = retention(scores["base"], scores["retrained"], scores["ported"])
     summary = {"pair": f"{source}->{target}", "task": task, "losses": scores, **r,
                "cast_steps": cast_steps, "wall_seconds": round(time.perf_counter() - t0, 1),
                "train_seconds": result.record["train_seconds"]}
-    write_text_atomic(out_dir / "demo.json", json.dumps(summary, indent=2))
-    log(f"retention {source}->{target} on {task}/test: loss base {scores['base']:.4f}  "
+    summary["retention_line"] = (
+        f"retention {source}->{target} on {task}/test: loss base {scores['base']:.4f}  "
         f"retrained {scores['retrained']:.4f}  ported {scores['ported']:.4f}  |  ratio {r['ratio']:.3f}  "
         f"gap recovered {r['gap_recovered']:.3f}  ({summary['wall_seconds']:.0f} s)")
+    write_text_atomic(out_dir / "demo.json", json.dumps(summary, indent=2))
+    test_file = root / "data" / "domains" / task / "test.txt.gz"
+    log(f"the ported loss again: castlora eval --model {tgt} --adapter {port_dir} --data {test_file} "
+        f"--seq-len 256 --max-tokens {eval_tokens}")
     return summary

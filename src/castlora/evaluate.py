@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .corpus import read_documents, read_text_file
 from .errors import CastloraError
@@ -108,7 +109,7 @@ def scored_text_bytes(tokenizer, doc: str, ids: list[int], used: int, spans=None
 
 @torch.no_grad()
 def text_loss(model, tokenizer, docs: list[str], seq_len: int = 256, batch_size: int = 8,
-              max_tokens: int | None = None, doc_start: bool = False) -> dict:
+              max_tokens: int | None = None, doc_start: bool = False, progress: bool = False) -> dict:
     """Mean next-token loss (nats) over the scored tokens of `docs` (text_windows; special tokens other
     than EOS are not scored), perplexity, the token count, and bits per byte: the total loss over the
     scored tokens / ln 2 / the UTF-8 bytes of the text those tokens cover ("bytes"; per document, from
@@ -121,7 +122,7 @@ def text_loss(model, tokenizer, docs: list[str], seq_len: int = 256, batch_size:
     special = set(tokenizer.all_special_ids) - {tokenizer.eos_token_id}
     total_loss, total_tok = 0.0, 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for i in range(0, len(windows), batch_size):
+    for i in tqdm(range(0, len(windows), batch_size), disable=not progress, desc="scoring", dynamic_ncols=True):
         chunk = windows[i:i + batch_size]
         width = max(map(len, chunk))
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
@@ -241,10 +242,17 @@ def evaluate_model(cfg, log=None) -> dict:
     from .hub import resolve_adapter
     from .models import check_model_path, load_model, load_tokenizer
 
-    check_model_path(cfg.model, cfg.allow_pickle, "model")
-    data = Path(cfg.data)
     from .corpus import check_regular_file
-    check_regular_file(data, "data file", CastloraError)
+
+    if not (cfg.data or cfg.lm_eval):
+        raise CastloraError("--data is required (a test text or prompt/completion file), unless --lm-eval is given")
+    check_model_path(cfg.model, cfg.allow_pickle, "model")
+    data = Path(cfg.data) if cfg.data else None
+    if data is not None:
+        check_regular_file(data, "data file", CastloraError)
+    if cfg.lm_eval:
+        from .harness import task_names
+        task_names(cfg.lm_eval)  # a missing task file is named before any model loads
     folder = None
     if cfg.adapter:
         folder = resolve_adapter(cfg.adapter)
@@ -261,8 +269,15 @@ def evaluate_model(cfg, log=None) -> dict:
             first = " ".join(str(e).split())[:200]
             raise CastloraError(f"the adapter {cfg.adapter} does not fit {cfg.model} ({first}): pass the model it "
                                 "was made for") from None
-    result = evaluate(model, load_tokenizer(cfg.model), data, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                      max_tokens=cfg.max_tokens)
+    result = {}
+    if data is not None:
+        result = evaluate(model, load_tokenizer(cfg.model), data, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                          max_tokens=cfg.max_tokens)
+    if cfg.lm_eval:
+        from .harness import run_lm_eval
+        del model  # the harness loads its own copy
+        result.update(run_lm_eval(cfg.model, str(folder) if folder else None, cfg.lm_eval,
+                                  resolve_device(cfg.device), cfg.dtype, cfg.batch_size, cfg.limit))
     bad = [k for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         raise CastloraError(f"{', '.join(bad)} came out non-finite ({result[bad[0]]}): the model or adapter holds "

@@ -92,8 +92,14 @@ def _local_folder(name: str, what: str) -> Path | None:
     return None
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as set now (huggingface_hub reads it once, at import)."""
+    import os
+
     from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        return True
 
     check = getattr(constants, "is_offline_mode", None)
     return bool(check() if callable(check) else constants.HF_HUB_OFFLINE)
@@ -109,7 +115,7 @@ def _snapshot(what: str, repo_id: str, revision: str | None, patterns: list[str]
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
-        if _offline():
+        if hub_offline():
             raise CastloraError(
                 f"{head} is not in the local cache and HF_HUB_OFFLINE is set: run once online or pass a "
                 f"local folder (hub cache: {constants.HF_HUB_CACHE})") from None
@@ -134,3 +140,22 @@ def _snapshot(what: str, repo_id: str, revision: str | None, patterns: list[str]
             raise
         raise CastloraError(f"{head} could not be fetched from the hub ({type(e).__name__}: {_one_line(e)}): "
                             "check the connection, or pass a local folder") from None
+
+
+def push_folder(folder: Path, repo_id: str, api=None) -> str:
+    """Upload a finished output folder to `repo_id` (a model repo, created if missing) in one commit; returns
+    the commit's URL. `api`: an HfApi (or a stand-in with the same two methods)."""
+    if api is None:
+        if hub_offline():
+            raise CastloraError(f"--push-to-hub {repo_id}: HF_HUB_OFFLINE is set; unset it to upload, or upload "
+                                f"{folder} later with `hf upload {repo_id} {folder}`")
+        from huggingface_hub import HfApi
+        api = HfApi()
+    try:
+        api.create_repo(repo_id, repo_type="model", exist_ok=True)
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                                 commit_message="castlora port")
+    except Exception as e:  # the hub's errors (auth, network, permissions): the port itself is written
+        raise CastloraError(f"--push-to-hub {repo_id}: the upload failed ({_one_line(e)}); the port is complete in "
+                            f"{folder}: upload it later with `hf upload {repo_id} {folder}`") from None
+    return str(getattr(info, "commit_url", info))

@@ -22,7 +22,7 @@ from .config import TranslateConfig, build, to_dict
 from .errors import CastloraError
 from .corpus import check_corpus_path, check_regular_file, read_prompts
 from .families import UnsupportedArchitectureError, family_for
-from .hub import resolve_adapter
+from .hub import hub_offline, push_folder, resolve_adapter
 from .input_checks import check_output_path
 from .models import check_model_path, local_model_type
 from .pair import parse_device_map
@@ -53,6 +53,7 @@ def check_inputs(cfg: TranslateConfig, log=logger.info) -> AdapterFiles:
                 raise UnsupportedArchitectureError(f"{what} model {getattr(cfg, what)}: {e}") from None
     for which in ("source", "target"):
         parse_device_map(cfg.device_map, which)
+
     folder = resolve_adapter(cfg.adapter, cfg.adapter_revision)
     config, tensors = read_adapter_folder(folder, cfg.allow_pickle, warn=log)
     for c in [*cfg.corpus, *cfg.strength_corpus]:
@@ -87,10 +88,11 @@ def _weights_digest(folder: Path) -> str:
 
 
 def translate(source: str = "", adapter: str = "", target: str = "", corpus: list | str = (), out: str = "",
-              config: TranslateConfig | None = None, log=None, **options) -> TranslateResult:
+              config: TranslateConfig | None = None, log=None, hub_api=None, **options) -> TranslateResult:
     """Port the LoRA in `adapter` (trained on `source`) to `target`; write a PEFT adapter to `out`.
 
     Options are the fields of TranslateConfig (steps, teacher, transfer, ...); `config` gives them all at once.
+    `hub_api`: what --push-to-hub uploads through (default: huggingface_hub.HfApi()).
     """
     log = log or logger.info
     given = dict(source=source, adapter=adapter, target=target, out=out,
@@ -98,6 +100,9 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
     given = {k: str(v) if isinstance(v, Path) else v for k, v in given.items() if v not in ("", [], ())}
     cfg = build(TranslateConfig, to_dict(config) if config else None, given)
     adapter_files = check_inputs(cfg, log)
+    if cfg.push_to_hub and hub_api is None and hub_offline():  # before the work, not after it
+        raise CastloraError(f"--push-to-hub {cfg.push_to_hub}: HF_HUB_OFFLINE is set; unset it to upload, or drop "
+                            "--push-to-hub and upload the folder later")
     given_cfg, cfg = cfg, cfg.resolved(accelerator=torch.cuda.is_available())
     if cfg.prompts and given_cfg.lr == "auto":
         log(f"--lr auto with --prompts{' and --transfer labels' if cfg.transfer == 'labels' else ''}: {cfg.lr:g}")
@@ -125,6 +130,8 @@ def translate(source: str = "", adapter: str = "", target: str = "", corpus: lis
         write_text_atomic(tmp / "castlora.json", json.dumps(record, indent=2))
     shutil.rmtree(workdir, ignore_errors=True)
     log(f"wrote {out} ({', '.join(port.files)}) in {record['wall_seconds']} s")
+    if cfg.push_to_hub:
+        log(f"pushed to {cfg.push_to_hub}: {push_folder(out, cfg.push_to_hub, hub_api)}")
     return TranslateResult(out, record)
 
 

@@ -49,7 +49,23 @@ def markdown_table(table: dict) -> str:
                "from them, or, `--transfer labels`, the source's answers to them; the true answers never read): "
                f"{', '.join(not_free)}." if not_free else "")
             + "\n\n") + "\n".join(lines) + "\n"
-    return text + _completion_table(rows, methods)
+    return text + _completion_table(rows, methods) + _bits_table(rows, methods)
+
+
+def _bits_table(rows: list[dict], methods: list[str]) -> str:
+    """LM tasks: bits per byte of the test text for every row, the source with its LoRA included: unlike the loss
+    per token, it compares models with different tokenizers."""
+    measured = [r for r in rows if r.get("bits_per_byte") is not None]
+    if not measured:
+        return ""
+    columns = ["source", "base", "retrained", *methods]
+    by = {(r["pair"], r["task"], r["method"]): r["bits_per_byte"] for r in measured}
+    cells = list(dict.fromkeys((r["pair"], r["task"]) for r in measured))
+    lines = ["| pair | task | " + " | ".join(columns) + " |", "|---|---|" + "---:|" * len(columns)]
+    for pair, task in cells:
+        lines.append(f"| {pair} | {task} | " + " | ".join(_fmt(by.get((pair, task, m))) for m in columns) + " |")
+    return "\nBits per byte of the test text (lower is better; comparable across tokenizers):\n\n" + \
+        "\n".join(lines) + "\n"
 
 
 def _completion_table(rows: list[dict], methods: list[str]) -> str:

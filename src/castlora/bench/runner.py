@@ -216,18 +216,21 @@ def bench(cfg: BenchConfig, log=print) -> dict:
         raise CastloraError("these cached LoRAs were trained with another recipe than this run's:\n  "
                             + "\n  ".join(stale) + "\ndelete them to retrain, or pass another --out")
 
-    def score(model: str, adapter: str | None, task: str) -> tuple[float, float | None]:
+    def score(model: str, adapter: str | None, task: str) -> tuple[float, float | None, float | None]:
         """Test loss (lm tasks: lower is better) or exact-match accuracy (higher is better); for
-        exact tasks also the completion loss, the graded score that shows partial transfer."""
+        exact tasks also the completion loss, the graded score that shows partial transfer; for lm tasks the
+        bits per byte, which compare across tokenizers (the source's row with the target's)."""
         m = load_model(zoo(model), cfg.dtype, cfg.device)
         if adapter:
             m = PeftModel.from_pretrained(m, adapter).eval()
         tok = load_tokenizer(zoo(model))
         if tasks[task].kind == "exact":
             examples = load_examples(tasks[task].test)[:cfg.eval_examples]
-            return exact_match(m, tok, examples)["accuracy"], completion_loss(m, tok, examples)["completion_loss"]
+            return (exact_match(m, tok, examples)["accuracy"], completion_loss(m, tok, examples)["completion_loss"],
+                    None)
         docs = read_documents(tasks[task].test)
-        return text_loss(m, tok, docs, seq_len=256, max_tokens=cfg.eval_tokens)["mean_loss"], None
+        measured = text_loss(m, tok, docs, seq_len=256, max_tokens=cfg.eval_tokens)
+        return measured["mean_loss"], None, measured["bits_per_byte"]
 
     def save():
         table = {"rows": rows, "config": asdict(cfg), "commit": commit,
@@ -241,13 +244,14 @@ def bench(cfg: BenchConfig, log=print) -> dict:
         for pair in cfg.pairs:
             src, tgt = pair.split("->")
             src_lora, ref_lora = lora(src, task), lora(tgt, task)
-            (base, base_cl), (retrained, ret_cl) = score(tgt, None, task), score(tgt, ref_lora, task)
+            base_scores, ret_scores = score(tgt, None, task), score(tgt, ref_lora, task)
+            (base, base_cl, _), (retrained, ret_cl, _) = base_scores, ret_scores
 
             lm = tasks[task].kind == "lm"
 
             def row(method, measured, extra=None):
                 # lm: value is a loss, score exp(-loss); exact: value is the accuracy itself.
-                value, cl = measured
+                value, cl, bpb = measured
                 graded = {}
                 if cl is not None:
                     g = retention(base_cl, ret_cl, cl, lower_is_better=True)
@@ -255,17 +259,19 @@ def bench(cfg: BenchConfig, log=print) -> dict:
                 r = {"pair": pair, "task": task, "method": method,
                      "score": float(torch.tensor(-value).exp()) if lm else value,
                      **({"loss": value} if lm else {"accuracy": value}),
+                     **({"bits_per_byte": bpb} if bpb is not None else {}),
                      **retention(base, retrained, value, lower_is_better=lm), **graded, **(extra or {})}
                 rows.append(r)
                 log(f"{pair:16s} {task:12s} {method:16s} {'loss' if lm else 'acc'} {value:.4f}  "
                     f"ratio {r['ratio']:.3f}  gap {r['gap_recovered']:.3f}")
                 save()
 
-            row("base", (base, base_cl))
-            row("retrained", (retrained, ret_cl), {"lora_gain": abs(base - retrained)})
-            src_value, _ = score(src, src_lora, task)
+            row("base", base_scores)
+            row("retrained", ret_scores, {"lora_gain": abs(base - retrained)})
+            src_value, _, src_bpb = score(src, src_lora, task)
             rows.append({"pair": pair, "task": task, "method": "source", "ratio": None, "gap_recovered": None,
                          "score": float(torch.tensor(-src_value).exp()) if lm else src_value,
+                         **({"bits_per_byte": src_bpb} if src_bpb is not None else {}),
                          "note": "source model with its LoRA" + (" (loss in the source tokenizer's units)" if lm else "")})
             for method in cfg.methods:
                 opts = dict({**METHODS, **cfg.rows}[method])
