@@ -119,8 +119,8 @@ class WideHelp(DefaultHelpFormatter):
 
 
 USAGE = {"translate": "--source S --adapter A --target T --corpus FILE --out DIR [options]",
-         "train-lora": "--model M --data FILE --out DIR [options]", "eval": "--model M --data FILE [options]",
-         "inspect": "ADAPTER [options]"}
+         "train-lora": "--model M --data FILE --out DIR [options]",
+         "eval": "--model M (--data FILE | --lm-eval TASK...) [options]", "inspect": "ADAPTER [options]"}
 
 
 def _add_fields(parser: ArgumentParser, cls, positional: tuple) -> None:
