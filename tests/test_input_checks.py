@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import stat
 import tempfile
 import warnings
@@ -536,3 +537,24 @@ def test_generated_corpus_lines_are_read_or_refused_with_a_castlora_error_and_le
         except CastloraError as e:
             assert "\n" not in str(e)
         assert _digests(Path(d)) == before
+
+
+def test_devices_are_named_before_any_model_loads():
+    from castlora.config import TranslateConfig, resolve_device
+
+    with pytest.raises(CastloraError, match="--device must be auto, cpu, cuda, cuda:N"):
+        TranslateConfig(device="nonsense")
+    if not torch.cuda.is_available():
+        with pytest.raises(CastloraError, match="--device cuda: this machine has no CUDA device"):
+            resolve_device("cuda")
+    assert resolve_device("cpu") == "cpu" and resolve_device("auto") in ("cpu", "cuda")
+
+
+def test_a_delta_no_forward_pass_survives_is_refused_before_any_model_loads():
+    from castlora.adapters import BROKEN_DELTA_NORM, check_adapter
+
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["q_proj"]}
+    A, B = torch.ones(2, 8) * 0.1, torch.ones(8, 2) * 1e12
+    with pytest.raises(CastloraError, match=re.escape(f"above {BROKEN_DELTA_NORM:g}") + ".*the adapter is broken"):
+        check_adapter(config, {"base_model.model.layers.0.q_proj.lora_A.weight": A,
+                               "base_model.model.layers.0.q_proj.lora_B.weight": B})

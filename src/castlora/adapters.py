@@ -100,6 +100,9 @@ def read_adapter_folder(path: str | Path, allow_pickle: bool = False,
 
 
 HUGE_DELTA_NORM = 1e4  # |scale * B @ A| (Frobenius) above this: a warning (a trained LoRA's is ~0.1-10)
+# above this no forward pass survives it (activations overflow a few layers on, and the port comes out empty):
+# an error, before any model loads
+BROKEN_DELTA_NORM = 1e8
 _F32_MAX = torch.finfo(torch.float32).max
 _REDO = "save the adapter again with peft's save_pretrained"
 
@@ -289,6 +292,10 @@ def check_adapter(config: dict, tensors: dict[str, torch.Tensor], where: str | P
         if not math.isfinite(norm) or norm > _F32_MAX:
             raise CastloraError(f"{where}: {mpath}: the LoRA delta scale*B@A overflows float32 (norm {norm:.3g}): "
                                 "the adapter is broken; use a checkpoint from before it diverged")
+        if norm > BROKEN_DELTA_NORM:
+            raise CastloraError(f"{where}: {mpath}: the LoRA delta |scale*B@A| is {norm:.3g}, above "
+                                f"{BROKEN_DELTA_NORM:g} (a trained LoRA's is about 0.1-10): the adapter is broken; "
+                                "use a checkpoint from before it diverged")
         if norm > huge_norm:
             warns.append(f"{where}: {mpath}: the LoRA delta |scale*B@A| is huge ({norm:.3g}, above {huge_norm:g}): "
                          "the adapter may be broken; check it on its source model before porting")

@@ -211,6 +211,8 @@ def build_parser(argv: list[str] | None = None) -> ArgumentParser:
 def _one_line(e: BaseException) -> str:
     """jsonargparse's message on one line, options named as flags."""
     text = re.sub(r'(Parser )?[Kk]ey "([\w.]+)"', lambda m: "--" + m.group(2).split(".")[-1].replace("_", "-"), str(e))
+    # jsonargparse refuses nan and inf as floats; say so in words
+    text = re.sub(r":\s*Expected a <class 'float'>\. Got value: (\S+)", r" must be a finite number, not \1", text)
     return " ".join(text.split())[:600]
 
 

@@ -192,6 +192,7 @@ class TranslateConfig:
         need(self.top_k >= 0 and self.teacher_top_k >= 1, f"--top-k must be >= 0 and --teacher-top-k >= 1, not "
                                                           f"{self.top_k} and {self.teacher_top_k}")
         need(self.max_rank is None or self.max_rank >= 1, f"--max-rank must be >= 1, not {self.max_rank}")
+        check_device(self.device)
         need(self.push_to_hub is None or self.push_to_hub.count("/") == 1,
              f"--push-to-hub must be a hub repo id, OWNER/NAME, not {self.push_to_hub!r}")
         self.corpus = [str(c) for c in self.corpus]
@@ -230,7 +231,7 @@ class TranslateConfig:
         lr = self.lr if self.lr != AUTO else 5e-3 if labels else 3e-3 if self.prompts else 3e-2
         n_texts = max(steps, 1) * self.batch_size
         generate = 0 if not cast or steps == 0 else min(self.generate, n_texts) if self.generate != AUTO else n_texts
-        device = self.device if self.device != AUTO else "cuda" if accelerator else "cpu"
+        device = resolve_device(self.device) if self.device != AUTO else "cuda" if accelerator else "cpu"
         gen_batch = self.generate_batch_size if self.generate_batch_size != AUTO else \
             16 if device == "cpu" else 128
         amp = self.amp if self.amp != AUTO else "bf16" if device.startswith("cuda") else "off"
@@ -282,12 +283,30 @@ def has_default(f) -> bool:
 
 
 def resolve_device(device: str) -> str:
-    """"auto": cuda when present, else cpu."""
-    if device != AUTO:
-        return device
+    """"auto": cuda when present, else cpu; a device this machine lacks is refused by name."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == AUTO:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(device)
+    kind = torch.device(device).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise CastloraError(f"--device {device}: this machine has no CUDA device; use --device cpu (or auto)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise CastloraError(f"--device {device}: this machine has no MPS device; use --device cpu (or auto)")
+    return device
+
+
+def check_device(device: str) -> None:
+    """A device name torch understands (or auto)."""
+    import torch
+
+    if device == AUTO:
+        return
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CastloraError(f"--device must be auto, cpu, cuda, cuda:N or another torch device, not {device!r}") from None
 
 
 @dataclass
@@ -316,6 +335,7 @@ class TrainLoraConfig:
         need(_finite(self.lr) and self.lr > 0 and _finite(self.alpha) and self.alpha > 0,
              f"--lr and --alpha must be finite numbers > 0, not {self.lr} and {self.alpha}")
         need(bool(self.targets), "--targets is empty: name the roles or modules to adapt")
+        check_device(self.device)
 
 
 @dataclass
@@ -340,6 +360,7 @@ class EvalConfig:
         need(self.seq_len >= 2 and self.batch_size >= 1, "--seq-len must be >= 2 and --batch-size >= 1")
         need(self.max_tokens is None or self.max_tokens >= 1, f"--max-tokens must be >= 1, not {self.max_tokens}")
         need(self.limit is None or self.limit >= 1, f"--limit must be >= 1, not {self.limit}")
+        check_device(self.device)
 
 
 @dataclass
