@@ -8,7 +8,6 @@ import torch
 from tqdm.auto import tqdm
 
 
-
 @torch.no_grad()
 def sample_texts(model, tokenizer, prompts: list[str], n: int, max_new_tokens: int = 256,
                  prompt_tokens: int = 8, top_k: int = 50, temperature: float = 1.0,
