@@ -675,6 +675,28 @@ def _crash_at_step_4(folders, out, monkeypatch, **kw) -> None:
     monkeypatch.setattr(cast_mod, "encode_pair", real)
 
 
+def test_resume_refuses_another_runs_work_a_checkpoint_past_steps_and_nan_heads(folders, tmp_path, monkeypatch):
+    """--resume continues only the run its work folder belongs to: other settings are named (other --steps too:
+    the training stream and the lr schedule are laid out for the whole run), and a checkpoint holding NaN heads
+    is never trained from or exported."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "run"
+    _crash_at_step_4(folders, out, monkeypatch)
+    work = tmp_path / ".run.castlora-work"
+    monkeypatch.setattr(pair_mod, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(CastloraError, match="--resume: the interrupted run in .* had other seq_len, lr than this one"):
+        _run(folders, out, resume=True, **{**RESUME, "lr": 3e-2, "seq_len": 24})
+    monkeypatch.undo()
+    with pytest.raises(CastloraError, match="had other steps, generate than this one"):
+        _run(folders, out, resume=True, **{**RESUME, "steps": 2})
+    heads = load_file(str(work / "checkpoint" / "heads.safetensors"))
+    save_file({k: torch.full_like(v, float("nan")) for k, v in heads.items()}, str(work / "checkpoint" / "heads.safetensors"))
+    with pytest.raises(CastloraError, match="holds non-finite head weights .* rerun with --overwrite"):
+        _run(folders, out, resume=True, **RESUME)
+    assert not out.exists() and work.exists()  # nothing exported; the work folder is left for the user to judge
+
+
 def test_existing_output_needs_overwrite(folders, tmp_path, monkeypatch):
     out = tmp_path / "exists"
     out.mkdir()

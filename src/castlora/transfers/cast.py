@@ -34,8 +34,9 @@ from .base import Port, PortInputs, adapter_writer, register_transfer
 
 # below this share of source positions on common boundaries the KL has too little to compare
 MIN_ALIGNED_FRACTION = 0.2
-# the options that change a run's result, beside its inputs: a --resume with any of them changed is refused
-RESULT_OPTIONS = ("batch_size", "seq_len", "lr", "init", "head", "layer_map", "beta", "temperature", "backoff",
+# the options that change a run's result, beside its inputs: a --resume with any of them changed is refused (steps
+# too: the training stream and the lr schedule are laid out for the whole run)
+RESULT_OPTIONS = ("steps", "batch_size", "seq_len", "lr", "init", "head", "layer_map", "beta", "temperature", "backoff",
                   "calib_batches", "teacher", "delta_weight", "teacher_lora", "objective", "generate", "top_k",
                   "generate_batch_size", "dtype", "amp", "seed")
 
